@@ -1,0 +1,628 @@
+"""LaS attention: Local and Smooth attention, in one file.
+
+Zimerman and Wolf, "Viewing Transformers Through the Lens of Long Convolutions Layers", ICML 2024
+(PMLR 235:62815-62831; arXiv 2311.16620, "On the Long Range Abilities of Transformers").
+
+Long-convolution layers (S4, Hyena, linear RNNs) owe much of their long-range skill to two inductive
+biases: their kernels decay with distance (locality) and are smooth. LaS adds both to softmax
+attention without any trainable parameter. For head c:
+
+    LaS_c(Q, K, V) = AP( softmax( exp(-alpha_c * D_L) * (Q K^T / sqrt(D)) ) ) V
+
+where D_L[i, j] = |i - j|, the product with the decay is elementwise (it scales the scores, it is not
+an additive bias) and AP is a 1-D average pool along each attention row.
+
+Shapes (one alphabet for the whole file):
+    B batch, H heads, L sequence length, D head dimension, P pool size (odd), C chunk size,
+    N number of chunks (ceil(L / C), or 1 without chunking).
+    query, key, value: (B, H, L, D), as in torch.nn.functional.scaled_dot_product_attention.
+    alphas: (H,), non-negative decay rates, one per head.
+    key_padding_mask: (B, L) bool, True marks padding (as in torch.nn.MultiheadAttention).
+
+Conventions (each is pinned by a test in test_las.py):
+    * Excluded keys (padding, and j > i when causal) are removed with a select, never by multiplying
+      -inf by the decay: the decay underflows to exactly 0 far from the diagonal, and 0 * -inf = NaN.
+    * A row with no allowed key is all zeros, in the output and in every gradient (no NaN).
+    * Attention dropout acts on the softmax probabilities, before smoothing.
+    * Smoothing: odd window P, stride 1, zero padding at the ends, divisor P everywhere
+      (count_include_pad=True), so the length stays L and weight near the ends partly falls off.
+      Bidirectional: the window is centred, smoothed[i, j] = mean(a[i, j-(P-1)/2 .. j+(P-1)/2]).
+      Causal: smoothed[i, j] = mean(a[i, j .. j+P-1]), which is zero for every j > i.
+    * Padding keys get no weight after smoothing: their columns are zeroed after the pool, which equals
+      zeroing value at padding positions. Whatever is stored there (NaN included) never leaks.
+    * LaS-chunk (chunk_size=C): the sequence is cut into consecutive chunks of C positions (the last one
+      may be shorter) and everything above happens inside each chunk alone. C >= L is full LaS.
+
+Two forms of the same operator live side by side:
+    las_attention_reference  materializes the attention matrix and pools its rows (the paper's form);
+    las_attention            pools value instead (smoothed @ V == A @ (M V) for the banded pooling
+                             matrix M), which costs O(L * D) instead of O(L^2) for the smoothing.
+las_attention_flex runs the decay as a FlexAttention score_mod, so nothing of size L x L is stored.
+
+Sections: helpers and argument checks, decay and smoothing, the functional attention, the fused
+FlexAttention path, the module, the block.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "alpha_schedule",
+    "decay_mask",
+    "smooth_rows",
+    "smooth_values",
+    "las_attention_reference",
+    "las_attention",
+    "las_attention_flex",
+    "LaSAttention",
+    "LaSBlock",
+]
+
+# Default rates. Head 0 keeps alpha = 0 (global); heads 1..H-1 are spaced evenly in log space between
+# DEFAULT_MIN_ALPHA and DEFAULT_MAX_ALPHA. Their decay lengths 1/alpha then run from 10 to 1,000
+# positions, which spans the local structure (a token's neighbours) up to the LRA lengths (1K-16K),
+# and B = 0.1 lies inside the paper's range (0, 1).
+DEFAULT_MAX_ALPHA = 0.1
+DEFAULT_MIN_ALPHA = 0.001
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_pool_size(pool_size) -> None:
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+        raise TypeError(f"pool_size must be an int, got {type(pool_size).__name__} ({pool_size!r})")
+    if pool_size < 1 or pool_size % 2 == 0:
+        raise ValueError(
+            f"pool_size must be a positive odd integer (1, 3, 5, ...), got {pool_size}; "
+            "an even window has no centre, and 1 means no smoothing"
+        )
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None (no chunking), got {chunk_size}")
+
+
+def _check_alphas(alphas, num_heads: int) -> None:
+    if not isinstance(alphas, torch.Tensor):
+        raise TypeError(f"alphas must be a torch.Tensor of shape ({num_heads},), got {type(alphas).__name__}")
+    if alphas.shape != (num_heads,):
+        raise ValueError(
+            f"alphas must have shape (H,) = ({num_heads},), one rate per head, got {tuple(alphas.shape)}"
+        )
+    if not alphas.is_floating_point():
+        raise TypeError(f"alphas must be a floating-point tensor, got dtype {alphas.dtype}")
+    # The value check reads the tensor, which a compiled graph cannot do without a break.
+    if not torch.compiler.is_compiling() and bool((alphas < 0).any()):
+        raise ValueError(f"alphas must be non-negative, got {alphas.tolist()}")
+
+
+def _check_key_padding_mask(mask, batch: int, length: int) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor of shape (B, L), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool (True marks padding), got {mask.dtype}; "
+            "convert with mask.bool() after checking which value marks padding"
+        )
+    if mask.shape != (batch, length):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, L) = ({batch}, {length}), got {tuple(mask.shape)}"
+        )
+
+
+def _check_qkv(query, key, value) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(tensor.shape)}")
+    if query.shape != key.shape:
+        raise ValueError(
+            f"query and key must have the same shape (B, H, L, D), got {tuple(query.shape)} and "
+            f"{tuple(key.shape)}; LaS is self-attention, so the decay needs one length for both"
+        )
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"value must share (B, H, L) with key, got value {tuple(value.shape)} and key {tuple(key.shape)}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+
+
+def _check_dropout(dropout_p) -> None:
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decay and smoothing
+
+
+def alpha_schedule(
+    num_heads: int, max_alpha: float = DEFAULT_MAX_ALPHA, min_alpha: float = DEFAULT_MIN_ALPHA
+) -> torch.Tensor:
+    """Return the per-head decay rates, shape (H,), float32.
+
+    Head 0 gets alpha = 0 and stays global. Heads 1..H-1 get rates spaced evenly in log space from
+    `min_alpha` to `max_alpha` (the paper's "exponential-uniform in [0, B]" with B = max_alpha, read
+    deterministically because log(0) is undefined). A single extra head gets max_alpha.
+    `max_alpha = 0` gives all zeros: no decay, plain attention scores.
+
+    Defaults: B = 0.1 and min_alpha = 0.001, so the decay lengths 1/alpha of the local heads run from
+    10 to 1,000 positions, from neighbouring tokens up to the LRA sequence lengths.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if not max_alpha >= 0:
+        raise ValueError(f"max_alpha must be >= 0, got {max_alpha}")
+    if max_alpha == 0:
+        return torch.zeros(num_heads)
+    if not 0 < min_alpha <= max_alpha:
+        raise ValueError(
+            f"min_alpha must be in (0, max_alpha] = (0, {max_alpha}], got {min_alpha}; "
+            "the rates are spaced in log space, so the smallest must be positive"
+        )
+    alphas = torch.zeros(num_heads, dtype=torch.float64)
+    if num_heads == 2:
+        alphas[1] = max_alpha
+    elif num_heads > 2:
+        alphas[1:] = torch.logspace(math.log10(min_alpha), math.log10(max_alpha), num_heads - 1, dtype=torch.float64)
+    return alphas.float()
+
+
+def decay_mask(length: int, alphas: torch.Tensor) -> torch.Tensor:
+    """Return the locality decay exp(-alphas[h] * |i - j|), shape (H, L, L).
+
+    Values lie in (0, 1] in exact arithmetic (they underflow to 0 far from the diagonal), the diagonal
+    is exactly 1, and an alpha of 0 gives all ones. Dtype and device follow `alphas`.
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    if not isinstance(alphas, torch.Tensor) or alphas.dim() != 1:
+        raise ValueError(f"alphas must be a 1-D tensor of shape (H,), got {getattr(alphas, 'shape', alphas)}")
+    positions = torch.arange(length, device=alphas.device)
+    distance = (positions[:, None] - positions[None, :]).abs().to(alphas.dtype)  # (L, L)
+    return torch.exp(-alphas[:, None, None] * distance)  # (H, L, L)
+
+
+def smooth_rows(attn: torch.Tensor, pool_size: int, is_causal: bool = False) -> torch.Tensor:
+    """Average-pool each row of `attn` along its last axis, keeping the length: (..., L) -> (..., L).
+
+    Window P (odd), stride 1, zero padding, divisor P at every position (count_include_pad=True).
+    Bidirectional: out[j] = (1/P) * sum_{m=-(P-1)/2}^{(P-1)/2} attn[j + m] (centred).
+    Causal:        out[j] = (1/P) * sum_{m=0}^{P-1} attn[j + m], so a causal row (zero beyond the
+                   diagonal) stays zero beyond the diagonal.
+    Entries outside 0..L-1 count as 0: a one-hot row on the last key of L = 4 becomes [0, 0, 1/3, 1/3].
+    """
+    _check_pool_size(pool_size)
+    if pool_size == 1:
+        return attn
+    shape = attn.shape
+    rows = attn.reshape(-1, 1, shape[-1])  # (rows, 1, L)
+    if is_causal:
+        # Pad P-1 zeros on the right, then a window of P starting at j covers j .. j+P-1.
+        rows = F.pad(rows, (0, pool_size - 1))
+        pooled = F.avg_pool1d(rows, pool_size, stride=1)
+    else:
+        pooled = F.avg_pool1d(rows, pool_size, stride=1, padding=pool_size // 2, count_include_pad=True)
+    return pooled.reshape(shape)
+
+
+def _pool_sequence(value: torch.Tensor, pool_size: int, is_causal: bool) -> torch.Tensor:
+    """Average-pool (..., L, D) along L with divisor P: centred, or over k-P+1 .. k when causal."""
+    shape = value.shape
+    rows = value.reshape(-1, shape[-2], shape[-1]).transpose(1, 2)  # (rows, D, L)
+    if is_causal:
+        rows = F.pad(rows, (pool_size - 1, 0))
+        pooled = F.avg_pool1d(rows, pool_size, stride=1)
+    else:
+        pooled = F.avg_pool1d(rows, pool_size, stride=1, padding=pool_size // 2, count_include_pad=True)
+    return pooled.transpose(1, 2).reshape(shape)  # (..., L, D)
+
+
+def smooth_values(
+    value: torch.Tensor,
+    pool_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pool `value` so that `A @ smooth_values(V) == smooth_rows(A) @ V` (the smoothing identity).
+
+    value: (B, H, L, D) -> (B, H, L, D). Row pooling is a banded matrix M acting on the right of each
+    attention row, so smoothed @ V = A @ (M V), and M V is a pool of value along the sequence:
+    centred for bidirectional attention, over positions k-P+1 .. k (left zero padding) for causal
+    attention, divisor P everywhere. Padding positions are set to 0 first (with a select, so NaN stored
+    there is dropped), which is the same as zeroing the padding columns after row smoothing.
+    """
+    _check_pool_size(pool_size)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, value.shape[0], value.shape[-2])
+        value = value.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    if pool_size == 1:
+        return value
+    return _pool_sequence(value, pool_size, is_causal)
+
+
+# Decay tensors reused across calls with the same rates, length, device and dtype. Bounded, because a
+# model trained on many lengths would otherwise keep one (H, L, L) tensor per length.
+_DECAY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_DECAY_CACHE_SIZE = 8
+
+
+def _cached_decay(length: int, alphas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return decay_mask(length, alphas) in `dtype`, computed once per rates, length, device and dtype."""
+    if torch.compiler.is_compiling() or alphas.requires_grad:
+        return decay_mask(length, alphas).to(dtype)
+    # The rates are part of the key, so changing a buffer in place gives a fresh decay.
+    key = (length, alphas.device, dtype, tuple(alphas.tolist()))
+    decay = _DECAY_CACHE.get(key)
+    if decay is None:
+        # Computed in the rates' precision, then rounded once to the scores' dtype.
+        decay = decay_mask(length, alphas).to(dtype)
+        _DECAY_CACHE[key] = decay
+        if len(_DECAY_CACHE) > _DECAY_CACHE_SIZE:
+            _DECAY_CACHE.popitem(last=False)
+    else:
+        _DECAY_CACHE.move_to_end(key)
+    return decay
+
+
+# ----------------------------------------------------------------------------------------------------
+# The functional attention
+
+
+def _split_chunks(tensor: torch.Tensor, chunk_size: int, num_chunks: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, N, C, D), zero-padding the tail chunk."""
+    batch, heads, length, dim = tensor.shape
+    padded = num_chunks * chunk_size
+    if padded != length:
+        tensor = F.pad(tensor, (0, 0, 0, padded - length))
+    return tensor.view(batch, heads, num_chunks, chunk_size, dim)
+
+
+def _layout(length: int, chunk_size: Optional[int]) -> tuple[int, int]:
+    """Return (C, N): the chunk length actually used and the number of chunks."""
+    if chunk_size is None or chunk_size >= length:
+        return length, 1
+    return chunk_size, -(-length // chunk_size)
+
+
+def _chunked_padding_mask(
+    key_padding_mask: Optional[torch.Tensor], batch: int, length: int, chunk: int, num_chunks: int, device
+) -> Optional[torch.Tensor]:
+    """Return the padding mask over chunked positions, (B, N, C), or None when nothing is padding.
+
+    The positions added to fill the tail chunk count as padding.
+    """
+    padded = chunk * num_chunks
+    if key_padding_mask is None and padded == length:
+        return None
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if padded != length:
+        key_padding_mask = F.pad(key_padding_mask, (0, padded - length), value=True)
+    return key_padding_mask.view(batch, num_chunks, chunk)
+
+
+def _allowed_keys(
+    padding: Optional[torch.Tensor], chunk: int, is_causal: bool, device
+) -> Optional[torch.Tensor]:
+    """Return a bool mask of allowed (query, key) pairs broadcastable to (B, H, N, C, C), or None."""
+    allowed = None
+    if padding is not None:
+        allowed = ~padding[:, None, :, None, :]  # (B, 1, N, 1, C)
+    if is_causal:
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=device).tril()  # (C, C)
+        allowed = causal if allowed is None else allowed & causal
+    return allowed
+
+
+def _masked_softmax(scores: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last axis with excluded keys removed; rows with no allowed key become zeros."""
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    # Excluded keys are selected away, never multiplied: the decay can be exactly 0 and 0 * -inf = NaN.
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # An empty row would be softmax of all -inf (NaN). Give it finite scores, then zero it below, so
+    # neither the output nor the gradient sees a NaN.
+    empty_row = ~allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty_row, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+
+
+def _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size):
+    _check_qkv(query, key, value)
+    _check_alphas(alphas, query.shape[1])
+    _check_pool_size(pool_size)
+    _check_chunk_size(chunk_size)
+    _check_dropout(dropout_p)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    _check_key_padding_mask(key_padding_mask, query.shape[0], query.shape[2])
+
+
+def _las_core(
+    query, key, value, alphas, *, pool_size, is_causal, key_padding_mask, dropout_p, scale, chunk_size,
+    smooth_matrix: bool,
+):
+    """Shared body of the reference (smooth_matrix=True) and fast (False) paths."""
+    batch, heads, length, dim = query.shape
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    chunk, num_chunks = _layout(length, chunk_size)
+
+    # layout: chunks become a batch axis; without chunking N = 1 and C = L
+    q = _split_chunks(query, chunk, num_chunks)  # (B, H, N, C, D)
+    k = _split_chunks(key, chunk, num_chunks)  # (B, H, N, C, D)
+    v = _split_chunks(value, chunk, num_chunks)  # (B, H, N, C, Dv)
+    padding = _chunked_padding_mask(key_padding_mask, batch, length, chunk, num_chunks, query.device)
+    allowed = _allowed_keys(padding, chunk, is_causal, query.device)
+
+    # scores
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, C, C)
+
+    # decay: a multiplication of the scores, per head
+    decay = _cached_decay(chunk, alphas, scores.dtype)  # (H, C, C)
+    scores = scores * decay[:, None]  # (B, H, N, C, C)
+
+    # mask and softmax
+    attn = _masked_softmax(scores, allowed)  # (B, H, N, C, C)
+
+    # dropout, before smoothing
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+
+    # smooth, and keep padding keys at zero weight
+    if padding is not None:
+        v = v.masked_fill(padding[:, None, :, :, None], 0.0)
+    if smooth_matrix:
+        attn = smooth_rows(attn, pool_size, is_causal)  # (B, H, N, C, C)
+        if padding is not None:
+            attn = attn.masked_fill(padding[:, None, :, None, :], 0.0)
+    elif pool_size > 1:
+        v = _pool_sequence(v, pool_size, is_causal)  # (B, H, N, C, Dv)
+
+    # aggregate
+    out = torch.matmul(attn, v)  # (B, H, N, C, Dv)
+    out = out.reshape(batch, heads, num_chunks * chunk, -1)
+    return out[:, :, :length] if num_chunks * chunk != length else out  # (B, H, L, Dv)
+
+
+def las_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    alphas: torch.Tensor,
+    *,
+    pool_size: int = 3,
+    is_causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Compute LaS attention in the paper's literal form: materialize and smooth the attention matrix.
+
+    query, key: (B, H, L, D); value: (B, H, L, Dv); alphas: (H,); key_padding_mask: (B, L) bool, True
+    marks padding. Returns (B, H, L, Dv). Steps: scores (q k^T * scale, scale = 1/sqrt(D) unless
+    given), decay (multiply by exp(-alphas[h] |i-j|)), mask (select), softmax (empty rows are zeros),
+    dropout (training only, dropout_p > 0), smooth_rows, zero padding columns, multiply by value.
+    With chunk_size = C all of it happens inside chunks of C positions. O(L^2) memory; kept for
+    reading and testing. Use las_attention in models.
+    """
+    _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size)
+    return _las_core(
+        query, key, value, alphas, pool_size=pool_size, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size,
+        smooth_matrix=True,
+    )
+
+
+def las_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    alphas: torch.Tensor,
+    *,
+    pool_size: int = 3,
+    is_causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Compute LaS attention by smoothing `value` instead of the attention matrix (the fast path).
+
+    Same arguments, shapes and result as las_attention_reference, to rounding. Because row pooling is
+    a banded matrix M, smooth_rows(A) @ V = A @ (M V), and M V is smooth_values(V): the smoothing costs
+    O(L * D) instead of O(L^2). The decay tensor is cached per rates, length, device and dtype.
+    """
+    _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size)
+    return _las_core(
+        query, key, value, alphas, pool_size=pool_size, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size,
+        smooth_matrix=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused path: FlexAttention
+
+
+def las_attention_flex(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    alphas: torch.Tensor,
+    *,
+    pool_size: int = 3,
+    is_causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Compute LaS attention with torch.nn.attention.flex_attention (placeholder, see below)."""
+    raise NotImplementedError("las_attention_flex is not available yet")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module
+
+
+class LaSAttention(nn.Module):
+    """Multi-head LaS self-attention: (B, L, dim) -> (B, L, dim).
+
+    Same projections as nn.MultiheadAttention(dim, num_heads) (one fused in-projection of 3 * dim and
+    an out-projection), so the same number of trainable parameters: the rates are a buffer
+    (`alphas`, shape (H,)), not a parameter. max_alpha = 0 with pool_size = 1 is plain softmax
+    attention, the baseline for comparisons.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        pool_size: int = 3,
+        max_alpha: float = DEFAULT_MAX_ALPHA,
+        min_alpha: float = DEFAULT_MIN_ALPHA,
+        is_causal: bool = False,
+        chunk_size: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if dim % num_heads != 0:
+            raise ValueError(
+                f"dim must be divisible by num_heads, got dim={dim} and num_heads={num_heads}; "
+                f"head dimension would be {dim / num_heads:.3g}"
+            )
+        _check_pool_size(pool_size)
+        _check_chunk_size(chunk_size)
+        _check_dropout(dropout)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.pool_size = pool_size
+        self.is_causal = is_causal
+        self.chunk_size = chunk_size
+        self.dropout = dropout
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.register_buffer("alphas", alpha_schedule(num_heads, max_alpha, min_alpha))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, L, {self.dim}), got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
+        out = las_attention(
+            query, key, value, self.alphas,
+            pool_size=self.pool_size, is_causal=self.is_causal, key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0, chunk_size=self.chunk_size,
+        )  # (B, H, L, D)
+        out = out.transpose(1, 2).reshape(batch, length, self.dim)  # (B, L, dim)
+        return self.out_proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, pool_size={self.pool_size}, "
+            f"is_causal={self.is_causal}, chunk_size={self.chunk_size}, dropout={self.dropout}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over (B, L, dim) whose batch statistics use real (non-padding) positions only.
+
+    With padding counted, the same example would normalize differently alone and inside a padded batch.
+    """
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dim = x.shape[-1]
+        if key_padding_mask is None:
+            return super().forward(x.reshape(-1, dim)).view_as(x)
+        real = ~key_padding_mask  # (B, L)
+        if not self.training:
+            # Running statistics act per position, so padding cannot change real outputs here.
+            out = super().forward(x.reshape(-1, dim)).view_as(x)
+            return out.masked_fill(key_padding_mask[..., None], 0.0)
+        # Training: the real positions form the batch; padding positions stay at zero.
+        out = torch.zeros_like(x)
+        out[real] = super().forward(x[real])  # (real positions, dim)
+        return out
+
+
+class LaSBlock(nn.Module):
+    """Pre-norm transformer encoder block with LaS attention: (B, L, dim) -> (B, L, dim).
+
+    x = x + Dropout(LaSAttention(Norm(x)));  x = x + Dropout(MLP(Norm(x))), MLP = Linear-GELU-Linear.
+    norm="layer" uses LayerNorm; norm="batch" uses BatchNorm whose statistics come from real positions
+    only, so padding never changes a real example's output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        pool_size: int = 3,
+        max_alpha: float = DEFAULT_MAX_ALPHA,
+        min_alpha: float = DEFAULT_MIN_ALPHA,
+        is_causal: bool = False,
+        chunk_size: Optional[int] = None,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        norm: str = "layer",
+        bias: bool = True,
+    ):
+        super().__init__()
+        if norm not in ("layer", "batch"):
+            raise ValueError(f"norm must be 'layer' or 'batch', got {norm!r}")
+        _check_dropout(dropout)
+        self.norm_kind = norm
+        make_norm = nn.LayerNorm if norm == "layer" else MaskedBatchNorm1d
+        self.norm1 = make_norm(dim)
+        self.attention = LaSAttention(
+            dim, num_heads, pool_size=pool_size, max_alpha=max_alpha, min_alpha=min_alpha,
+            is_causal=is_causal, chunk_size=chunk_size, dropout=attention_dropout, bias=bias,
+        )
+        self.norm2 = make_norm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, dim, bias=bias))
+        self.dropout = nn.Dropout(dropout)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor, key_padding_mask) -> torch.Tensor:
+        if self.norm_kind == "batch":
+            return norm(x, key_padding_mask)
+        return norm(x)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self._norm(self.norm1, x, key_padding_mask), key_padding_mask))
+        x = x + self.dropout(self.mlp(self._norm(self.norm2, x, key_padding_mask)))
+        return x
