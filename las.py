@@ -73,6 +73,11 @@ __all__ = [
 DEFAULT_MAX_ALPHA = 0.1
 DEFAULT_MIN_ALPHA = 0.001
 
+# Paths LaSAttention can run: "eager" (las_attention), "compile" (torch.compile of it), "flex" (fused
+# FlexAttention kernel, las_attention_flex), "reference" (materialized matrix), "auto" (flex on CUDA,
+# eager elsewhere).
+BACKENDS = ("auto", "eager", "compile", "flex", "reference")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Argument checks
@@ -465,6 +470,67 @@ def las_attention(
 # The fused path: FlexAttention
 
 
+# FlexAttention works on blocks of 128 positions. Lengths are padded up to a bucket (a multiple of 128
+# up to 1,024, then four buckets per doubling, at most 25% extra), so a range of lengths shares one
+# compiled kernel.
+_FLEX_BLOCK = 128
+_compiled_flex_attention = None
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _get_compiled_flex_attention():
+    """Return torch.compile(flex_attention), built on first use.
+
+    Static shapes: with torch 2.13 on CPU, dynamic=True fails to build the C++ kernel. Bucketed lengths
+    keep the number of compilations small instead.
+    """
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+_compiled_las_attention = None
+
+
+def _get_compiled_las_attention():
+    """Return torch.compile(las_attention), built on first use; dynamic shapes, so lengths share it."""
+    global _compiled_las_attention
+    if _compiled_las_attention is None:
+        _compiled_las_attention = torch.compile(las_attention, dynamic=True)
+    return _compiled_las_attention
+
+
+def _flex_bucket_length(length: int) -> int:
+    """Round a length up to its FlexAttention bucket: 128, 256, ..., 1024, 1280, 1536, ..., 2048, 2560, ..."""
+    step = _FLEX_BLOCK
+    while length > 8 * step:
+        step *= 2
+    return -(-length // step) * step
+
+
+def _smooth_values_in_chunks(value, pool_size, is_causal, key_padding_mask, chunk_size):
+    """smooth_values applied inside each chunk of C positions: (B, H, L, D) -> (B, H, L, D)."""
+    batch, heads, length, _ = value.shape
+    chunk, num_chunks = _layout(length, chunk_size)
+    padding = _chunked_padding_mask(key_padding_mask, batch, length, chunk, num_chunks, value.device)
+    v = _split_chunks(value, chunk, num_chunks)  # (B, H, N, C, D)
+    if padding is not None:
+        v = v.masked_fill(padding[:, None, :, :, None], 0.0)
+    if pool_size > 1:
+        v = _pool_sequence(v, pool_size, is_causal)  # (B, H, N, C, D)
+    v = v.reshape(batch, heads, num_chunks * chunk, -1)[:, :, :length]  # (B, H, L, D)
+    return v.contiguous()
+
+
 def las_attention_flex(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -477,8 +543,66 @@ def las_attention_flex(
     scale: Optional[float] = None,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Compute LaS attention with torch.nn.attention.flex_attention (placeholder, see below)."""
-    raise NotImplementedError("las_attention_flex is not available yet")
+    """Compute LaS attention with a compiled FlexAttention kernel; nothing of size L x L is stored.
+
+    Same arguments (no dropout: FlexAttention has none), shapes and result as las_attention, to
+    rounding. The decay is a score_mod, score * exp(-alphas[h] * |q_idx - kv_idx|), computed from the
+    (H,) rates inside the kernel. Padding, causal order and chunks (block-diagonal, so LaS-chunk costs
+    O(L * C)) are a block mask. Value is smoothed eagerly before the call: pooling inside the same
+    compiled region as flex_attention gave wrong results with torch 2.13 on CPU. Lengths are padded to
+    a multiple of 128 (the padding counts as key padding), so a range of lengths compiles once.
+
+    On CPU, torch 2.13 has no FlexAttention backward: this path is for inference there, and a call
+    that needs gradients raises RuntimeError. Use las_attention (or backend="eager"/"compile") to train.
+    """
+    _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, 0.0, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and needs_grad:
+        raise RuntimeError(
+            "las_attention_flex cannot train on CPU: torch 2.13 has no FlexAttention backward there. "
+            "Use las_attention (LaSAttention backend='eager' or 'compile') for training on CPU, or run "
+            "this call under torch.no_grad() for inference."
+        )
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, heads, length, dim = query.shape
+    chunk, _ = _layout(length, chunk_size)
+    smoothed = _smooth_values_in_chunks(value, pool_size, is_causal, key_padding_mask, chunk_size)
+
+    # pad to the bucket length; the added positions are padding keys and their outputs are dropped
+    padded_length = _flex_bucket_length(length)
+    extra = padded_length - length
+    padding = key_padding_mask
+    if padding is None:
+        padding = torch.zeros(batch, length, dtype=torch.bool, device=query.device)
+    if extra:
+        query = F.pad(query, (0, 0, 0, extra))
+        key = F.pad(key, (0, 0, 0, extra))
+        smoothed = F.pad(smoothed, (0, 0, 0, extra))
+        padding = F.pad(padding, (0, extra), value=True)  # (B, L_padded)
+
+    # Every layout option is a tensor, not a Python constant, so causal, padded and chunked calls of one
+    # shape share one compiled graph.
+    rates = alphas.to(device=query.device, dtype=torch.float32)  # (H,)
+    causal = torch.tensor(is_causal, device=query.device)
+    chunk_length = torch.tensor(chunk if chunk < length else padded_length, device=query.device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * torch.exp(-rates[h] * (q_idx - kv_idx).abs())
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_chunk = q_idx // chunk_length == kv_idx // chunk_length
+        in_order = (kv_idx <= q_idx) | ~causal
+        return same_chunk & in_order & ~padding[b, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, batch, None, padded_length, padded_length, device=query.device)
+    # One compilation per (B, H, L_padded, D); allow more than dynamo's default of 8 before it falls back.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        out = _get_compiled_flex_attention()(
+            query.contiguous(), key.contiguous(), smoothed.contiguous(),
+            score_mod=score_mod, block_mask=block_mask, scale=scale,
+        )  # (B, H, L_padded, D)
+    return out[:, :, :length]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,6 +616,11 @@ class LaSAttention(nn.Module):
     an out-projection), so the same number of trainable parameters: the rates are a buffer
     (`alphas`, shape (H,)), not a parameter. max_alpha = 0 with pool_size = 1 is plain softmax
     attention, the baseline for comparisons.
+
+    backend: "auto" (FlexAttention on CUDA when attention dropout is off, else eager), "eager"
+    (las_attention), "compile" (torch.compile of las_attention), "flex" (las_attention_flex; inference
+    only on CPU, no attention dropout) or "reference" (las_attention_reference). All compute the same
+    function; they differ in speed and memory.
     """
 
     def __init__(
@@ -506,8 +635,11 @@ class LaSAttention(nn.Module):
         chunk_size: Optional[int] = None,
         dropout: float = 0.0,
         bias: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -527,6 +659,7 @@ class LaSAttention(nn.Module):
         self.is_causal = is_causal
         self.chunk_size = chunk_size
         self.dropout = dropout
+        self.backend = backend
         self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.register_buffer("alphas", alpha_schedule(num_heads, max_alpha, min_alpha))
@@ -537,18 +670,48 @@ class LaSAttention(nn.Module):
         batch, length, _ = x.shape
         qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
-        out = las_attention(
-            query, key, value, self.alphas,
+        dropout_p = self.dropout if self.training else 0.0
+        options = dict(
             pool_size=self.pool_size, is_causal=self.is_causal, key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0, chunk_size=self.chunk_size,
-        )  # (B, H, L, D)
+            chunk_size=self.chunk_size,
+        )
+        backend = self._resolve_backend(query, dropout_p)
+        if backend == "flex":
+            out = las_attention_flex(query, key, value, self.alphas, **options)
+        elif backend == "compile":
+            out = _get_compiled_las_attention()(query, key, value, self.alphas, dropout_p=dropout_p, **options)
+        elif backend == "reference":
+            out = las_attention_reference(query, key, value, self.alphas, dropout_p=dropout_p, **options)
+        else:
+            out = las_attention(query, key, value, self.alphas, dropout_p=dropout_p, **options)  # (B, H, L, D)
         out = out.transpose(1, 2).reshape(batch, length, self.dim)  # (B, L, dim)
         return self.out_proj(out)
+
+    def _resolve_backend(self, query: torch.Tensor, dropout_p: float) -> str:
+        """Pick the path for this call; "auto" is FlexAttention on CUDA and the eager fast path elsewhere."""
+        backend = self.backend
+        if backend == "flex" and dropout_p > 0:
+            raise ValueError(
+                f"backend='flex' has no attention dropout, but dropout={self.dropout} in training mode; "
+                "set dropout=0.0 or use backend='eager' or 'compile'"
+            )
+        if backend != "auto":
+            return backend
+        if query.device.type == "cuda" and dropout_p == 0:
+            return "flex"
+        if query.device.type == "cuda":
+            _warn_once(
+                "auto-dropout",
+                "LaSAttention(backend='auto') runs the eager path on CUDA because attention dropout is on "
+                "(FlexAttention has none); set dropout=0.0 to use the fused kernel.",
+            )
+        return "eager"
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, pool_size={self.pool_size}, "
-            f"is_causal={self.is_causal}, chunk_size={self.chunk_size}, dropout={self.dropout}"
+            f"is_causal={self.is_causal}, chunk_size={self.chunk_size}, dropout={self.dropout}, "
+            f"backend={self.backend!r}"
         )
 
 
@@ -600,6 +763,7 @@ class LaSBlock(nn.Module):
         attention_dropout: float = 0.0,
         norm: str = "layer",
         bias: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         if norm not in ("layer", "batch"):
@@ -611,6 +775,7 @@ class LaSBlock(nn.Module):
         self.attention = LaSAttention(
             dim, num_heads, pool_size=pool_size, max_alpha=max_alpha, min_alpha=min_alpha,
             is_causal=is_causal, chunk_size=chunk_size, dropout=attention_dropout, bias=bias,
+            backend=backend,
         )
         self.norm2 = make_norm(dim)
         hidden = int(dim * mlp_ratio)
