@@ -271,16 +271,17 @@ _DECAY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _DECAY_CACHE_SIZE = 8
 
 
-def _cached_decay(length: int, alphas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Return decay_mask(length, alphas) in `dtype`, computed once per rates, length, device and dtype."""
-    if torch.compiler.is_compiling() or alphas.requires_grad:
-        return decay_mask(length, alphas).to(dtype)
+def _cached_decay(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Return scale * decay_mask(length, alphas) in `dtype`, computed once per rates, length, scale,
+    device and dtype (and afresh while compiling, where the graph computes it once per call)."""
+    if torch.compiler.is_compiling():
+        return (decay_mask(length, alphas) * scale).to(dtype)
     # The rates are part of the key, so changing a buffer in place gives a fresh decay.
-    key = (length, alphas.device, dtype, tuple(alphas.tolist()))
+    key = (length, alphas.device, dtype, float(scale), tuple(alphas.tolist()))
     decay = _DECAY_CACHE.get(key)
     if decay is None:
         # Computed in the rates' precision, then rounded once to the scores' dtype.
-        decay = decay_mask(length, alphas).to(dtype)
+        decay = (decay_mask(length, alphas.detach()) * scale).to(dtype)
         _DECAY_CACHE[key] = decay
         if len(_DECAY_CACHE) > _DECAY_CACHE_SIZE:
             _DECAY_CACHE.popitem(last=False)
@@ -352,6 +353,47 @@ def _masked_softmax(scores: torch.Tensor, allowed: Optional[torch.Tensor]) -> to
     return torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
 
 
+class _DecayedSoftmax(torch.autograd.Function):
+    """softmax(mask(q k^T * decay)) with in-place work and a hand-written backward.
+
+    The plain autograd graph of these steps keeps an extra L x L tensor per step (scaled scores, decayed
+    scores, masked scores). This function keeps only q, k and the probabilities, like plain attention,
+    and applies the decay and the masks in place. decay already contains the scale.
+    Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C); allowed broadcastable to (B, H, N, C, C);
+    empty_rows broadcastable to (B, H, N, C, 1). Returns the probabilities (B, H, N, C, C).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, decay, allowed, empty_rows):
+        scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, N, C, C)
+        scores.mul_(decay)
+        if allowed is not None:
+            # A select, never a product: the decay can be exactly 0 and 0 * -inf = NaN.
+            scores.masked_fill_(~allowed, float("-inf"))
+            scores.masked_fill_(empty_rows, 0.0)  # finite scores for rows with no allowed key
+        attn = torch.softmax(scores, dim=-1)
+        del scores
+        if allowed is not None:
+            attn.masked_fill_(empty_rows, 0.0)
+        ctx.save_for_backward(q, k, decay, attn, empty_rows)
+        return attn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_attn):
+        q, k, decay, attn, empty_rows = ctx.saved_tensors
+        if empty_rows is not None:
+            grad_attn = grad_attn.masked_fill(empty_rows, 0.0)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype)  # (B, H, N, C, C)
+        grad_scores.mul_(decay)
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_q = torch.matmul(grad_scores, k)  # (B, H, N, C, D)
+        if ctx.needs_input_grad[1]:
+            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, H, N, C, D)
+        return grad_q, grad_k, None, None, None
+
+
 def _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size):
     _check_qkv(query, key, value)
     _check_alphas(alphas, query.shape[1])
@@ -379,15 +421,21 @@ def _las_core(
     padding = _chunked_padding_mask(key_padding_mask, batch, length, chunk, num_chunks, query.device)
     allowed = _allowed_keys(padding, chunk, is_causal, query.device)
 
-    # scores
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, C, C)
+    if smooth_matrix or alphas.requires_grad:
+        # scores
+        scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, C, C)
 
-    # decay: a multiplication of the scores, per head
-    decay = _cached_decay(chunk, alphas, scores.dtype)  # (H, C, C)
-    scores = scores * decay[:, None]  # (B, H, N, C, C)
+        # decay: a multiplication of the scores, per head
+        decay = decay_mask(chunk, alphas).to(scores.dtype)  # (H, C, C)
+        scores = scores * decay[:, None]  # (B, H, N, C, C)
 
-    # mask and softmax
-    attn = _masked_softmax(scores, allowed)  # (B, H, N, C, C)
+        # mask and softmax
+        attn = _masked_softmax(scores, allowed)  # (B, H, N, C, C)
+    else:
+        # The same three steps, fused: the decay (times the scale) is cached and applied in place.
+        decay = _cached_decay(chunk, alphas, q.dtype, scale)  # (H, C, C)
+        empty_rows = None if allowed is None else ~allowed.any(dim=-1, keepdim=True)
+        attn = _DecayedSoftmax.apply(q, k, decay[:, None], allowed, empty_rows)  # (B, H, N, C, C)
 
     # dropout, before smoothing
     if dropout_p > 0.0:
