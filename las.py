@@ -611,6 +611,9 @@ def las_attention_flex(
             "Use las_attention (LaSAttention backend='eager' or 'compile') for training on CPU, or run "
             "this call under torch.no_grad() for inference."
         )
+    if not needs_grad:
+        # flex_attention on CPU rejects inputs that require grad even under torch.no_grad().
+        query, key, value = query.detach(), key.detach(), value.detach()
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, heads, length, dim = query.shape
