@@ -565,6 +565,51 @@ def _flex_bucket_length(length: int) -> int:
     return -(-length // step) * step
 
 
+# Block masks of calls without key_padding_mask, which depend on the layout only. Bounded like the decay.
+_BLOCK_MASK_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _flex_block_mask(key_padding_mask, batch, length, padded_length, is_causal, chunk, device):
+    """Build the FlexAttention BlockMask for padding, causal order and chunks over L_padded positions.
+
+    Every layout option is a tensor, not a Python constant, so causal, padded and chunked calls of one
+    shape share one compiled graph. The mask is built blockwise by a compiled kernel (_compile=True):
+    the uncompiled builder evaluates all L x L pairs at once (about 3 GB at L = 16,384).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cache_key = None
+    if key_padding_mask is None:
+        cache_key = (length, padded_length, is_causal, chunk, str(device))
+        if cache_key in _BLOCK_MASK_CACHE:
+            _BLOCK_MASK_CACHE.move_to_end(cache_key)
+            return _BLOCK_MASK_CACHE[cache_key]
+        # One row of padding, broadcast over the batch (mask batch size None).
+        padding = torch.zeros(1, length, dtype=torch.bool, device=device)
+        mask_batch = None
+    else:
+        padding = key_padding_mask
+        mask_batch = batch
+    padding = F.pad(padding, (0, padded_length - length), value=True)  # (B or 1, L_padded)
+    causal = torch.tensor(is_causal, device=device)
+    chunk_length = torch.tensor(chunk if chunk < length else padded_length, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_chunk = q_idx // chunk_length == kv_idx // chunk_length
+        in_order = (kv_idx <= q_idx) | ~causal
+        return same_chunk & in_order & ~padding[b, kv_idx]
+
+    with torch._dynamo.config.patch(recompile_limit=64):
+        block_mask = create_block_mask(
+            mask_mod, mask_batch, None, padded_length, padded_length, device=device, _compile=True
+        )
+    if cache_key is not None:
+        _BLOCK_MASK_CACHE[cache_key] = block_mask
+        if len(_BLOCK_MASK_CACHE) > _DECAY_CACHE_SIZE:
+            _BLOCK_MASK_CACHE.popitem(last=False)
+    return block_mask
+
+
 def _smooth_values_in_chunks(value, pool_size, is_causal, key_padding_mask, chunk_size):
     """smooth_values applied inside each chunk of C positions: (B, H, L, D) -> (B, H, L, D)."""
     batch, heads, length, _ = value.shape
@@ -614,7 +659,6 @@ def las_attention_flex(
     if not needs_grad:
         # flex_attention on CPU rejects inputs that require grad even under torch.no_grad().
         query, key, value = query.detach(), key.detach(), value.detach()
-    from torch.nn.attention.flex_attention import create_block_mask
 
     batch, heads, length, dim = query.shape
     chunk, _ = _layout(length, chunk_size)
@@ -623,30 +667,17 @@ def las_attention_flex(
     # pad to the bucket length; the added positions are padding keys and their outputs are dropped
     padded_length = _flex_bucket_length(length)
     extra = padded_length - length
-    padding = key_padding_mask
-    if padding is None:
-        padding = torch.zeros(batch, length, dtype=torch.bool, device=query.device)
     if extra:
         query = F.pad(query, (0, 0, 0, extra))
         key = F.pad(key, (0, 0, 0, extra))
         smoothed = F.pad(smoothed, (0, 0, 0, extra))
-        padding = F.pad(padding, (0, extra), value=True)  # (B, L_padded)
+    block_mask = _flex_block_mask(key_padding_mask, batch, length, padded_length, is_causal, chunk, query.device)
 
-    # Every layout option is a tensor, not a Python constant, so causal, padded and chunked calls of one
-    # shape share one compiled graph.
     rates = alphas.to(device=query.device, dtype=torch.float32)  # (H,)
-    causal = torch.tensor(is_causal, device=query.device)
-    chunk_length = torch.tensor(chunk if chunk < length else padded_length, device=query.device)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score * torch.exp(-rates[h] * (q_idx - kv_idx).abs())
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        same_chunk = q_idx // chunk_length == kv_idx // chunk_length
-        in_order = (kv_idx <= q_idx) | ~causal
-        return same_chunk & in_order & ~padding[b, kv_idx]
-
-    block_mask = create_block_mask(mask_mod, batch, None, padded_length, padded_length, device=query.device)
     # One compilation per (B, H, L_padded, D); allow more than dynamo's default of 8 before it falls back.
     with torch._dynamo.config.patch(recompile_limit=64):
         out = _get_compiled_flex_attention()(
