@@ -15,6 +15,7 @@ counterexample it has found is pinned with @example.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -437,16 +438,9 @@ def _edge_divisor_inputs(is_causal: bool):
     return query, key, value, torch.zeros(1)
 
 
-def _run_flex(*args, **kwargs):
-    try:
-        return las.las_attention_flex(*args, **kwargs)
-    except NotImplementedError as error:
-        pytest.skip(f"las_attention_flex is not implemented: {error}")
-
-
 @pytest.mark.parametrize("path", [*PATH_NAMES, "flex"])
 def test_attention_edge_divisor(path):
-    run = _run_flex if path == "flex" else PATHS[path]
+    run = las.las_attention_flex if path == "flex" else PATHS[path]
     # Bidirectional: every row is one-hot on the last key, so every smoothed row is [0, 0, 1/3, 1/3].
     out = run(*_edge_divisor_inputs(False), pool_size=3, is_causal=False)
     expected = torch.tensor([0.0, 0.0, 1 / 3, 1 / 3]).expand(4, 4)
@@ -745,6 +739,7 @@ def test_low_precision_decay_underflow(path, dtype, is_causal):
     )
     assert out.dtype == dtype, f"output dtype {out.dtype}, inputs are {dtype}"
     assert bool(out.isfinite().all()), f"{path} in {dtype} is not finite"
+    # float64 on the rounded inputs, so the tolerance covers the arithmetic and not the input rounding
     expected = numpy_las(
         q.to(dtype).double().numpy(), k.to(dtype).double().numpy(), v.to(dtype).double().numpy(),
         alphas.numpy(), pool_size=3, is_causal=is_causal, padding=mask.numpy(),
@@ -910,10 +905,10 @@ def test_block_state_dict_roundtrip(norm):
     torch.manual_seed(7)
     block = las.LaSBlock(16, 4, norm=norm, max_alpha=0.5).eval()
     torch.manual_seed(8)
-    copy = las.LaSBlock(16, 4, norm=norm, max_alpha=0.2).eval()
-    copy.load_state_dict(block.state_dict())
-    assert torch.equal(copy.attention.alphas, block.attention.alphas), "alphas not restored from the state_dict"
-    assert torch.equal(copy(x, mask), block(x, mask)), "restored block gives different outputs"
+    restored = las.LaSBlock(16, 4, norm=norm, max_alpha=0.2).eval()
+    restored.load_state_dict(block.state_dict())
+    assert torch.equal(restored.attention.alphas, block.attention.alphas), "alphas not restored from the state_dict"
+    assert torch.equal(restored(x, mask), block(x, mask)), "restored block gives different outputs"
 
 
 def test_attention_state_dict_roundtrip():
@@ -921,9 +916,9 @@ def test_attention_state_dict_roundtrip():
     torch.manual_seed(9)
     module = las.LaSAttention(16, 4, max_alpha=0.5)
     torch.manual_seed(10)
-    copy = las.LaSAttention(16, 4)
-    copy.load_state_dict(module.state_dict())
-    assert torch.equal(copy(x, mask), module(x, mask)), "restored LaSAttention gives different outputs"
+    restored = las.LaSAttention(16, 4)
+    restored.load_state_dict(module.state_dict())
+    assert torch.equal(restored(x, mask), module(x, mask)), "restored LaSAttention gives different outputs"
 
 
 def _randomize_batch_norm(block):
@@ -957,12 +952,20 @@ def test_batch_norm_block_train_padding(is_causal):
     mask = torch.arange(11)[None, :] >= 7
     torch.manual_seed(14)
     block = las.LaSBlock(16, 4, norm="batch", is_causal=is_causal).train()
+    padded_block = copy.deepcopy(block)
     alone = block(x)
-    inside = block(padded, mask)
+    inside = padded_block(padded, mask)
     torch.testing.assert_close(
         inside[:, :7], alone, rtol=1e-5, atol=1e-5,
         msg=lambda m: f"training-mode batch norm: the example alone and right-padded differ: {m}",
     )
+    # The running statistics must also come from the real positions only.
+    for name in ("norm1", "norm2"):
+        for statistic in ("running_mean", "running_var"):
+            torch.testing.assert_close(
+                getattr(getattr(padded_block, name), statistic), getattr(getattr(block, name), statistic),
+                rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}.{statistic} after a padded batch: {m}",
+            )
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch"])
@@ -981,17 +984,21 @@ def test_block_eval_deterministic(norm):
 def test_attention_eval_deterministic():
     x, mask = _masked_inputs()
     torch.manual_seed(16)
-    module = las.LaSAttention(16, 4, dropout=0.5).eval()
+    module = las.LaSAttention(16, 4, dropout=0.5).train()
+    assert not torch.equal(module(x, mask), module(x, mask)), "attention dropout 0.5 in training mode changed nothing"
+    module.eval()
     assert torch.equal(module(x, mask), module(x, mask)), "eval-mode LaSAttention with dropout > 0 varies"
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_plain_attention_module(is_causal):
+@pytest.mark.parametrize("backend", ["eager", "reference"])
+def test_plain_attention_module(is_causal, backend):
     x, mask = _masked_inputs()
     batch, length, dim = x.shape
     heads, head_dim = 4, dim // 4
     torch.manual_seed(17)
-    module = las.LaSAttention(dim, heads, max_alpha=0.0, pool_size=1, is_causal=is_causal).double()
+    module = las.LaSAttention(dim, heads, max_alpha=0.0, pool_size=1, is_causal=is_causal, backend=backend)
+    module = module.double()
     x = x.double()
     out = module(x, mask)
 
@@ -1041,6 +1048,7 @@ INVALID_CALLS = [
     ("pool zero", dict(pool_size=0), ValueError, ["pool_size", "0"]),
     ("pool float", dict(pool_size=3.0), TypeError, ["pool_size", "3.0"]),
     ("dropout 1", dict(dropout_p=1.0), ValueError, ["dropout_p", "1.0"]),
+    ("causal int", dict(is_causal=1), TypeError, ["is_causal", "int"]),
 ]
 
 
