@@ -646,19 +646,43 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def train_batches(num_examples: int, global_batch: int, seed: int, epoch: int, rank: int, world: int, start: int = 0):
+BUCKET_BATCHES = 50  # global batches per length-sorted pool
+
+
+def train_batches(
+    num_examples: int, global_batch: int, seed: int, epoch: int, rank: int, world: int, start: int = 0,
+    lengths: Optional[np.ndarray] = None,
+) -> list[list[int]]:
     """Return this process's index lists for the global batches start.. of one epoch.
 
-    The last partial global batch of an epoch is dropped so that every step sees global_batch
-    examples on world processes (evaluation, in contrast, scores every example).
+    With lengths given, batches are bucketed: the epoch's permutation is cut into pools of
+    BUCKET_BATCHES global batches, each pool is sorted by length and cut into batches, and the batch
+    order is shuffled, so a batch pads to a length close to its longest example. The last partial
+    global batch of an epoch is dropped so that every step sees global_batch examples on world
+    processes (evaluation, in contrast, scores every example).
     """
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).tolist()
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    num_batches = num_examples // global_batch
+    order = order[: num_batches * global_batch]
+    if lengths is not None:
+        pool_size = BUCKET_BATCHES * global_batch
+        pools = [order[begin : begin + pool_size] for begin in range(0, len(order), pool_size)]
+        order = [index for pool in pools for index in sorted(pool, key=lambda index: lengths[index])]
+    global_batches = [order[step * global_batch : (step + 1) * global_batch] for step in range(num_batches)]
+    if lengths is not None:
+        shuffled = torch.randperm(num_batches, generator=generator).tolist()
+        global_batches = [global_batches[position] for position in shuffled]
+
     per_process = global_batch // world
-    batches = []
-    for step in range(start, num_examples // global_batch):
-        chunk = order[step * global_batch : (step + 1) * global_batch]
-        batches.append(chunk[rank * per_process : (rank + 1) * per_process])
-    return batches
+    return [chunk[rank * per_process : (rank + 1) * per_process] for chunk in global_batches[start:]]
+
+
+def sequence_lengths(split: Split) -> np.ndarray:
+    """Return each example's token count (both documents together for pairs)."""
+    return np.asarray(
+        [len(seq[0]) + len(seq[1]) if isinstance(seq, tuple) else len(seq) for seq in split.sequences], dtype=np.int64
+    )
 
 
 def seed_worker(worker_id: int) -> None:
@@ -687,7 +711,7 @@ def make_loader(dataset: Dataset, batches: list, num_workers: int, seed: int) ->
 
 def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> list:
     """Cut this process's share of a split into batches of similar length, every example exactly once."""
-    lengths = [len(seq[0]) + len(seq[1]) if isinstance(seq, tuple) else len(seq) for seq in split.sequences]
+    lengths = sequence_lengths(split)
     order = sorted(range(len(split)), key=lambda index: lengths[index])[rank::world]
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
@@ -873,6 +897,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     backend: str = "auto"  # LaS kernel choice passed to las.py blocks
     num_workers: int = 0  # DataLoader worker processes
+    bucket: bool = True  # batch examples of similar length together (variable-length tasks)
     stop_at_step: Optional[int] = None  # stop early with a checkpoint, as an interruption would
     # The generated ListOps set (used when task is listops and data_dir is None).
     generate_sizes: tuple = (12000, 1000, 1000)
@@ -985,6 +1010,11 @@ def build_config(given: dict) -> TrainConfig:
     if task != "listops" and data_dir is None:
         raise UsageError(f"--task {task} needs --data-dir: {DATA_SOURCES[task]}")
     values = dict(PRESETS[preset_name(task, data_dir)])
+    # A warm-up given in one unit replaces the preset's warm-up in the other.
+    if "warmup_epochs" in given and "warmup_steps" not in given:
+        values["warmup_steps"] = None
+    if "warmup_steps" in given and "warmup_epochs" not in given:
+        values["warmup_epochs"] = None
     values.update(given)
     values.pop("resume", None)
     cfg = TrainConfig(**values)
@@ -1346,6 +1376,7 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
     stop = StopSignal()
     stop.install()
     train_dataset = SplitDataset(data.train)
+    train_lengths = sequence_lengths(data.train) if cfg.bucket else None
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_correct = torch.zeros((), dtype=torch.int64, device=device)
     window_examples = window_tokens = window_steps = 0
@@ -1356,7 +1387,9 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
     # Loop
     while step < cfg.max_steps and stopped_by is None:
         epoch, first_batch = divmod(step, steps_per_epoch)
-        batches = train_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, rank, world, first_batch)
+        batches = train_batches(
+            len(data.train), cfg.batch_size, cfg.seed, epoch, rank, world, first_batch, lengths=train_lengths
+        )
         loader = make_loader(train_dataset, batches, cfg.num_workers, epoch_seed(cfg.seed, epoch) + 1)
         for batch in loader:
             window_crc = zlib.crc32(batch["indices"].numpy().tobytes(), window_crc)
@@ -1514,6 +1547,8 @@ def build_parser() -> ArgumentParser:
     add("--device", help="auto, cpu, cuda or cuda:N")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--num-workers", type=int, help="DataLoader worker processes")
+    add("--no-bucket", dest="bucket", action="store_false",
+        help="draw training batches uniformly instead of grouping examples of similar length")
     add("--stop-at-step", type=int, help="stop at this step with a checkpoint, as an interruption would")
     return parser
 
