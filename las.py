@@ -547,6 +547,17 @@ def _get_compiled_flex_attention():
 
 
 _compiled_las_attention = None
+_compiled_create_block_mask = None
+
+
+def _get_compiled_create_block_mask():
+    """Return torch.compile(create_block_mask), built on first use."""
+    global _compiled_create_block_mask
+    if _compiled_create_block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
+    return _compiled_create_block_mask
 
 
 def _get_compiled_las_attention():
@@ -573,19 +584,17 @@ def _flex_block_mask(key_padding_mask, batch, length, padded_length, is_causal, 
     """Build the FlexAttention BlockMask for padding, causal order and chunks over L_padded positions.
 
     Every layout option is a tensor, not a Python constant, so causal, padded and chunked calls of one
-    shape share one compiled graph. The mask is built blockwise by a compiled kernel (_compile=True):
-    the uncompiled builder evaluates all L x L pairs at once (about 3 GB at L = 16,384).
+    shape share one compiled graph. The mask is built blockwise by a compiled create_block_mask: the
+    uncompiled builder evaluates all L x L pairs at once (about 3 GB at L = 16,384).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     cache_key = None
     if key_padding_mask is None:
-        cache_key = (length, padded_length, is_causal, chunk, str(device))
+        cache_key = (batch, length, padded_length, is_causal, chunk, str(device))
         if cache_key in _BLOCK_MASK_CACHE:
             _BLOCK_MASK_CACHE.move_to_end(cache_key)
             return _BLOCK_MASK_CACHE[cache_key]
-        # One row of padding, broadcast over the batch (mask batch size None).
-        padding = torch.zeros(1, length, dtype=torch.bool, device=device)
+        # The same for every sequence: built for b = 0 only (mask batch size None).
+        padding = torch.zeros(batch, length, dtype=torch.bool, device=device)
         mask_batch = None
     else:
         padding = key_padding_mask
@@ -600,8 +609,8 @@ def _flex_block_mask(key_padding_mask, batch, length, padded_length, is_causal, 
         return same_chunk & in_order & ~padding[b, kv_idx]
 
     with torch._dynamo.config.patch(recompile_limit=64):
-        block_mask = create_block_mask(
-            mask_mod, mask_batch, None, padded_length, padded_length, device=device, _compile=True
+        block_mask = _get_compiled_create_block_mask()(
+            mask_mod, mask_batch, None, padded_length, padded_length, device=device
         )
     if cache_key is not None:
         _BLOCK_MASK_CACHE[cache_key] = block_mask
