@@ -271,17 +271,25 @@ _DECAY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _DECAY_CACHE_SIZE = 8
 
 
+def _decay_in(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Return scale * decay_mask(length, alphas), computed in float64 and rounded once to `dtype`.
+
+    Rounding the rates or the scale to float32 first would put float32 error into float64 results.
+    """
+    work_dtype = torch.float64 if alphas.device.type in ("cpu", "cuda") else torch.float32
+    return (decay_mask(length, alphas.to(work_dtype)) * scale).to(dtype)
+
+
 def _cached_decay(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """Return scale * decay_mask(length, alphas) in `dtype`, computed once per rates, length, scale,
-    device and dtype (and afresh while compiling, where the graph computes it once per call)."""
+    """Return _decay_in(length, alphas, dtype, scale), computed once per rates, length, scale, device
+    and dtype (and afresh while compiling, where the graph computes it once per call)."""
     if torch.compiler.is_compiling():
-        return (decay_mask(length, alphas) * scale).to(dtype)
+        return _decay_in(length, alphas, dtype, scale)
     # The rates are part of the key, so changing a buffer in place gives a fresh decay.
     key = (length, alphas.device, dtype, float(scale), tuple(alphas.tolist()))
     decay = _DECAY_CACHE.get(key)
     if decay is None:
-        # Computed in the rates' precision, then rounded once to the scores' dtype.
-        decay = (decay_mask(length, alphas.detach()) * scale).to(dtype)
+        decay = _decay_in(length, alphas.detach(), dtype, scale)
         _DECAY_CACHE[key] = decay
         if len(_DECAY_CACHE) > _DECAY_CACHE_SIZE:
             _DECAY_CACHE.popitem(last=False)
@@ -358,9 +366,9 @@ class _DecayedSoftmax(torch.autograd.Function):
 
     The plain autograd graph of these steps keeps an extra L x L tensor per step (scaled scores, decayed
     scores, masked scores). This function keeps only q, k and the probabilities, like plain attention,
-    and applies the decay and the masks in place. decay already contains the scale.
-    Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C); allowed broadcastable to (B, H, N, C, C);
-    empty_rows broadcastable to (B, H, N, C, 1). Returns the probabilities (B, H, N, C, C).
+    and reuses one L x L buffer for the scores, the decay, the masks and the softmax. decay already
+    contains the scale. Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C); allowed broadcastable to
+    (B, H, N, C, C); empty_rows broadcastable to (B, H, N, C, 1). Returns the probabilities (B, H, N, C, C).
     """
 
     @staticmethod
@@ -371,8 +379,7 @@ class _DecayedSoftmax(torch.autograd.Function):
             # A select, never a product: the decay can be exactly 0 and 0 * -inf = NaN.
             scores.masked_fill_(~allowed, float("-inf"))
             scores.masked_fill_(empty_rows, 0.0)  # finite scores for rows with no allowed key
-        attn = torch.softmax(scores, dim=-1)
-        del scores
+        attn = _softmax_in_place(scores)
         if allowed is not None:
             attn.masked_fill_(empty_rows, 0.0)
         ctx.save_for_backward(q, k, decay, attn, empty_rows)
@@ -382,16 +389,38 @@ class _DecayedSoftmax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_attn):
         q, k, decay, attn, empty_rows = ctx.saved_tensors
+        # grad_attn is a fresh tensor from the backward of the matmul (or dropout) that consumes attn in
+        # _las_core, so its buffer is reused for the score gradient.
+        grad = grad_attn.contiguous()
         if empty_rows is not None:
-            grad_attn = grad_attn.masked_fill(empty_rows, 0.0)
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype)  # (B, H, N, C, C)
-        grad_scores.mul_(decay)
+            grad.masked_fill_(empty_rows, 0.0)
+        grad = _softmax_backward_in_place(grad, attn)  # (B, H, N, C, C)
+        grad.mul_(decay)
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
-            grad_q = torch.matmul(grad_scores, k)  # (B, H, N, C, D)
+            grad_q = torch.matmul(grad, k)  # (B, H, N, C, D)
         if ctx.needs_input_grad[1]:
-            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, H, N, C, D)
+            grad_k = torch.matmul(grad.transpose(-2, -1), q)  # (B, H, N, C, D)
         return grad_q, grad_k, None, None, None
+
+
+def _softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, written into `scores` on CPU (a new tensor elsewhere).
+
+    The CPU kernel works row by row and reads each entry before writing it, so the output may alias the
+    input; this skips a fresh L x L allocation, whose page faults cost as much as the softmax itself.
+    The tests compare the result with the out-of-place reference path.
+    """
+    if scores.device.type == "cpu" and scores.is_contiguous():
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    return torch.softmax(scores, dim=-1)
+
+
+def _softmax_backward_in_place(grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Return attn * (grad - sum(grad * attn)) over the last axis, written into `grad` on CPU."""
+    if grad.device.type == "cpu" and attn.is_contiguous():
+        return torch.ops.aten._softmax_backward_data.out(grad, attn, -1, attn.dtype, grad_input=grad)
+    return torch.ops.aten._softmax_backward_data(grad, attn, -1, attn.dtype)
 
 
 def _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size):
@@ -426,7 +455,7 @@ def _las_core(
         scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N, C, C)
 
         # decay: a multiplication of the scores, per head
-        decay = decay_mask(chunk, alphas).to(scores.dtype)  # (H, C, C)
+        decay = _decay_in(chunk, alphas, scores.dtype)  # (H, C, C)
         scores = scores * decay[:, None]  # (B, H, N, C, C)
 
         # mask and softmax
