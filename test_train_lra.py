@@ -76,7 +76,8 @@ def parse_printed(tokens: list[str], position: int = 0):
         assert argument[0] == "op", "an argument must be a closed operator or a digit"
         tree = ("open", head[1], head[2] + [argument])
     else:
-        assert tail.isdigit() and len(tail) == 1, tail
+        assert len(tail) == 1, tail
+        assert tail.isdigit(), tail
         position += 1
         tree = ("open", head[1], head[2] + [int(tail)])
     assert tokens[position] == ")", f"expected ')' at {position}, found {tokens[position]!r}"
@@ -685,8 +686,9 @@ def test_run_listops(tmp_path, capsys):
     test = check_finished_run(out, test_labels)
     train = [record for record in records if record["event"] == "train"]
     assert [record["step"] for record in train] == [1, 2, 3, 4]
-    peak = 1e-3 if "lr" not in stdout else json.loads((out / "config.json").read_text())["lr"]
-    assert max(record["lr"] for record in train) <= peak
+    peak = json.loads((out / "config.json").read_text())["lr"]
+    # Warm-up 1 of 4 steps: the factors are 1, then the cosine 1, 0.75, 0.25.
+    assert [record["lr"] for record in train] == pytest.approx([peak, peak, 0.75 * peak, 0.25 * peak])
     assert stdout.strip().splitlines()[-1].startswith("test accuracy")
     assert f"majority-class rate {100 * test['majority_accuracy']:.2f}%" in stdout.strip().splitlines()[-1]
 
@@ -824,6 +826,9 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert test_a["test_accuracy"] == test_b["test_accuracy"]
     assert test_a["best_step"] == test_b["best_step"]
 
+    again = run_script(["--resume", tmp_path / "resumed"], tmp_path)
+    assert_one_line_error(again.returncode, again.stderr, "already finished at step 20")
+
 
 def test_sigterm_writes_checkpoint(tmp_path):
     write_listops(tmp_path, sizes=(64, 6, 9))
@@ -916,6 +921,7 @@ def test_error_missing_split_file(tmp_path, capsys):
     code, _, stderr = run_main(["--data-dir", tmp_path, "--out-dir", tmp_path / "run"], capsys)
     assert_one_line_error(code, stderr, "no listops data found", str(tmp_path / "listops-1000"),
                           str(tmp_path / "lra_release" / "lra_release" / "listops-1000"), "lra_release.gz")
+    assert not (tmp_path / "run").exists(), "no output folder for a run that never started"
 
     write_cifar(tmp_path / "cifar")
     (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3").unlink()

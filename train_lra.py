@@ -577,23 +577,30 @@ def read_pathfinder(data_dir: Path, task: str, progress: bool = True) -> TaskDat
     folder = resolve_folder(data_dir, task, candidates, ("metadata", "imgs"))
     entries = read_pathfinder_metadata(folder)
 
+    # Decoded images go straight into one array (Path-X: 200,000 x 16,384 bytes), in metadata order.
+    pixels = np.empty((len(entries), side * side), dtype=np.uint8)
+    labels = np.empty(len(entries), dtype=np.int64)
+    kept = 0
+    skipped = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(
-            tqdm(pool.map(lambda entry: read_gray_png(entry[0], side), entries, chunksize=64),
-                 total=len(entries), desc=f"reading {task} images", disable=not progress, mininterval=2.0)
-        )
-    kept = [index for index, image in enumerate(images) if image is not None]
-    skipped = [entries[index][0] for index, image in enumerate(images) if image is None]
-    if not kept:
+        images = pool.map(lambda entry: read_gray_png(entry[0], side), entries)
+        progress_bar = tqdm(images, total=len(entries), desc=f"reading {task} images", disable=not progress, mininterval=2.0)
+        for (path, label), image in zip(entries, progress_bar):
+            if image is None:
+                skipped.append(path)
+                continue
+            pixels[kept] = image
+            labels[kept] = label
+            kept += 1
+    if kept == 0:
         raise UsageError(f"no readable images listed in {folder / 'metadata'}")
-    pixels = np.stack([images[index] for index in kept])
-    labels = np.asarray([entries[index][1] for index in kept], dtype=np.int64)
+    pixels, labels = pixels[:kept], labels[:kept]
 
-    parts = split_indices(len(kept), PATHFINDER_SPLIT_FRACTIONS, PATHFINDER_SPLIT_SEED)
+    parts = split_indices(kept, PATHFINDER_SPLIT_FRACTIONS, PATHFINDER_SPLIT_SEED)
     splits = [pixel_split(pixels[part], labels[part]) for part in parts]
     example = f" (first: {skipped[0]})" if skipped else ""
     notes = (
-        f"{task} from {folder}: {len(kept)} images, {len(skipped)} empty or unreadable images skipped{example}",
+        f"{task} from {folder}: {kept} images, {len(skipped)} empty or unreadable images skipped{example}",
         f"split 80/10/10 by a random permutation from seed {PATHFINDER_SPLIT_SEED}: "
         f"train {len(parts[0])}, val {len(parts[1])}, test {len(parts[2])}; gray levels as 256 tokens",
     )
@@ -1332,6 +1339,13 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
     except ValueError as error:
         raise UsageError(f"{error}; set --warmup-steps or --warmup-epochs below --max-steps") from None
 
+    # Output folder: created only once the data and the schedule are known to be valid.
+    if checkpoint is None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    barrier()
+
     # Model, optimizer, schedule. Every process builds the same initial weights from cfg.seed.
     torch.manual_seed(cfg.seed)
     model = LRAClassifier(cfg, data).to(device)
@@ -1594,6 +1608,12 @@ def run(given: dict) -> int:
             raise UsageError(f"no checkpoint {path} to resume from")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         values = dict(checkpoint["config"])
+        metrics_path = out_dir / "metrics.jsonl"
+        if checkpoint["step"] >= values["max_steps"] and metrics_path.is_file():
+            if read_metrics(metrics_path)[-1]["event"] == "test":
+                raise UsageError(f"the run in {out_dir} already finished at step {checkpoint['step']}; "
+                                 "its test record is the last line of metrics.jsonl")
+        values["out_dir"] = str(out_dir)
         values["stop_at_step"] = None
         values.update({name: value for name, value in given.items() if name != "resume"})
         values["generate_sizes"] = tuple(values["generate_sizes"])
@@ -1613,11 +1633,6 @@ def run(given: dict) -> int:
                 raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                                  "or choose another --out-dir")
             cfg.out_dir = str(out_dir)
-            if rank_info()[0] == 0:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-                (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-            barrier()
         return train(cfg, out_dir, device, checkpoint)
     finally:
         if dist.is_initialized():
