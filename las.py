@@ -685,6 +685,9 @@ def las_attention_flex(
 
     On CPU, torch 2.13 has no FlexAttention backward: this path is for inference there, and a call
     that needs gradients raises RuntimeError. Use las_attention (or backend="eager"/"compile") to train.
+
+    NOTE: the CUDA forward and backward are tested by test_compiled.py only on a machine with a GPU;
+    the CPU forward is tested everywhere.
     """
     _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, 0.0, chunk_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
