@@ -449,6 +449,11 @@ def _las_core(
     v = _split_chunks(value, chunk, num_chunks)  # (B, H, N, C, Dv)
     padding = _chunked_padding_mask(key_padding_mask, batch, length, chunk, num_chunks, query.device)
     allowed = _allowed_keys(padding, chunk, is_causal, query.device)
+    if padding is not None:
+        # Zero q and k at padding positions with a select: a NaN stored there would otherwise reach the
+        # gradients of real positions through 0 * NaN in the backward matmuls.
+        q = q.masked_fill(padding[:, None, :, :, None], 0.0)
+        k = k.masked_fill(padding[:, None, :, :, None], 0.0)
 
     if smooth_matrix or alphas.requires_grad:
         # scores
@@ -697,9 +702,18 @@ def las_attention_flex(
             "Use las_attention (LaSAttention backend='eager' or 'compile') for training on CPU, or run "
             "this call under torch.no_grad() for inference."
         )
+    if query.device.type == "cpu" and query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"las_attention_flex on CPU supports float32, float16 and bfloat16 inputs, got {query.dtype}; "
+            "convert the inputs or use las_attention"
+        )
     if not needs_grad:
         # flex_attention on CPU rejects inputs that require grad even under torch.no_grad().
         query, key, value = query.detach(), key.detach(), value.detach()
+    if key_padding_mask is not None:
+        # As in las_attention: values stored at padding positions must not reach anything real.
+        query = query.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        key = key.masked_fill(key_padding_mask[:, None, :, None], 0.0)
 
     batch, heads, length, dim = query.shape
     chunk, _ = _layout(length, chunk_size)

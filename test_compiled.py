@@ -124,6 +124,12 @@ def test_flex_rejects_training_on_cpu():
         las.las_attention_flex(q, k, v, torch.zeros(2))
 
 
+def test_flex_rejects_float64_on_cpu():
+    q, k, v, _ = make_inputs(1, 1, 4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="got torch.float64"):
+        las.las_attention_flex(q, k, v, torch.zeros(1))
+
+
 def test_flex_module_training_on_cpu_raises():
     module = las.LaSAttention(16, 2, backend="flex")
     with pytest.raises(RuntimeError, match="backend='eager' or 'compile'"):

@@ -577,6 +577,23 @@ def test_right_padding_keeps_outputs(path, case, extra):
 
 
 @pytest.mark.parametrize("path", PATH_NAMES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_padding_nan_keeps_gradients_finite(path, is_causal):
+    # NaN stored at padding in q, k and v must not reach any gradient through 0 * NaN in backward.
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=generator) for _ in range(3))
+    mask = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    padding = mask[:, None, :, None].expand_as(q)
+    q, k, v = (t.masked_fill(padding, float("nan")).requires_grad_() for t in (q, k, v))
+
+    out = PATHS[path](q, k, v, torch.tensor([0.0, 0.5]), key_padding_mask=mask, is_causal=is_causal)
+    out[~padding].sum().backward()
+
+    for name, tensor in (("query", q), ("key", k), ("value", v)):
+        assert bool(tensor.grad.isfinite().all()), f"{path}: NaN at padding reached the gradient of {name}"
+
+
+@pytest.mark.parametrize("path", PATH_NAMES)
 @pytest.mark.parametrize("poison", [float("nan"), 1e6])
 @settings(deadline=None, max_examples=30)
 @with_examples()
