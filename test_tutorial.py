@@ -2,7 +2,7 @@
 
 The execution test copies the notebook, las.py and train_lra.py into a temporary folder and runs every
 cell there with nbclient (kernel "python3"), so a stale cell or a file written outside the notebook's
-own scratch folder fails the suite. It takes about two minutes on a 2-core laptop.
+own scratch folder fails the suite. It takes about a minute on 2 CPU cores.
 """
 
 import re
