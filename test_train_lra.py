@@ -473,7 +473,8 @@ def test_pathfinder_metadata_empty_image_nested_release(tmp_path):
     # The archive's doubled folder: the data sits in the inner root, and an outer copy exists too.
     inner = tmp_path / "lra_release" / "lra_release" / "pathfinder32" / "curv_contour_length_14"
     labels = write_pathfinder(inner, 32, 20, empty=((1, 3),))
-    (tmp_path / "lra_release" / "pathfinder32").mkdir(parents=True)  # an outer folder without data
+    outer = tmp_path / "lra_release" / "pathfinder32" / "curv_contour_length_14"
+    write_pathfinder(outer, 32, 6)  # a second, smaller copy one level up: the inner root wins
 
     data = train_lra.read_pathfinder(tmp_path, "pathfinder", progress=False)
     kept_labels = labels[:13] + labels[14:]  # image 13 (folder 1, sample 3) is empty
