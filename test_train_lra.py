@@ -492,6 +492,21 @@ def test_pathfinder_metadata_empty_image_nested_release(tmp_path):
     assert direct.train.labels.tolist() == expected_train
 
 
+def test_pathfinder_metadata_as_numpy_array(tmp_path):
+    folder = tmp_path / "curv_contour_length_14"
+    labels = write_pathfinder(folder, 32, 10)
+    text_data = train_lra.read_pathfinder(folder, "pathfinder", progress=False)
+    for path in (folder / "metadata").glob("*.npy"):
+        rows = [line.split() for line in path.read_text().splitlines()]
+        with open(path, "wb") as file:
+            np.save(file, np.array(rows))
+    assert (folder / "metadata" / "0.npy").read_bytes().startswith(b"\x93NUMPY")
+    array_data = train_lra.read_pathfinder(folder, "pathfinder", progress=False)
+    assert array_data.train.labels.tolist() == text_data.train.labels.tolist()
+    assert sorted(array_data.train.labels.tolist() + array_data.val.labels.tolist()
+                  + array_data.test.labels.tolist()) == sorted(labels)
+
+
 def test_pathfinder_missing_lists_candidates(tmp_path):
     with pytest.raises(UsageError) as error:
         train_lra.read_pathfinder(tmp_path, "pathx", progress=False)

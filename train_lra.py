@@ -523,11 +523,28 @@ def read_image(data_dir: Path) -> TaskData:
     )
 
 
+def read_metadata_rows(path: Path) -> list[list[str]]:
+    """Return the fields of each metadata line.
+
+    The released .npy metadata files are plain text, one space-separated line per image. A file that
+    is a real NumPy array (it starts with the .npy magic bytes) is read with np.load instead, one row
+    per image.
+    """
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic == b"\x93NUMPY":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise UsageError(f"{path}: cannot read the NumPy metadata array ({error})") from None
+        return [[str(value) for value in row] for row in np.atleast_2d(array)]
+    return [line.split() for line in read_text_lines(path)]
+
+
 def read_pathfinder_metadata(folder: Path) -> list[tuple[Path, int]]:
     """Return (image path, label) for every metadata line, metadata files in numeric order.
 
-    The .npy metadata files are plain text: one line per image, space-separated, field 0 the image
-    folder (imgs/<n>), field 1 the file name, field 3 the label (1 = the dots are connected).
+    Fields: 0 the image folder (imgs/<n>), 1 the file name, 3 the label (1 = the dots are connected).
     """
     metadata_folder = folder / "metadata"
     files = []
@@ -539,10 +556,9 @@ def read_pathfinder_metadata(folder: Path) -> list[tuple[Path, int]]:
         raise UsageError(f"no metadata files (*.npy) in {metadata_folder}")
     entries = []
     for _, path in sorted(files):
-        for line_number, line in enumerate(read_text_lines(path), start=1):
-            if not line.strip():
+        for line_number, fields in enumerate(read_metadata_rows(path), start=1):
+            if not fields:
                 continue
-            fields = line.split()
             if len(fields) < 4:
                 raise rows_error(path, line_number, f"expected at least 4 space-separated fields, found {len(fields)}")
             entries.append((folder / fields[0] / fields[1], parse_label(fields[3], 2, path, line_number)))
@@ -1386,11 +1402,14 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
     log(f"model: {num_parameters:,} parameters; {steps_per_epoch} steps per epoch; warm-up {warmup} steps")
 
-    train_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.compile:
+        # dynamic=True: ListOps and text batches change length at every step.
+        train_model = torch.compile(train_model, dynamic=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", is_main)
 
     def save_checkpoint() -> None:
