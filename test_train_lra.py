@@ -708,6 +708,10 @@ def test_run_listops(tmp_path, capsys):
     assert stdout.strip().splitlines()[-1].startswith("test accuracy")
     assert f"majority-class rate {100 * test['majority_accuracy']:.2f}%" in stdout.strip().splitlines()[-1]
 
+    # A finished run is never overwritten.
+    code, _, stderr = run_main(["--task", "listops", "--data-dir", tmp_path, "--out-dir", out], capsys)
+    assert_one_line_error(code, stderr, f"{out} already contains a run", f"--resume {out}")
+
 
 def test_run_text(tmp_path, capsys):
     write_imdb(tmp_path, default_reviews())

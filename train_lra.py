@@ -19,10 +19,11 @@ Run it:
     python train_lra.py --resume OUT_DIR                  # continue an interrupted run exactly
     torchrun --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29500 train_lra.py ...
 
-With no arguments the script generates a small ListOps set with the official generator's algorithm
-(shorter expressions, so that a laptop CPU can learn it in minutes), trains on it and prints the test
-accuracy of the best-validation weights next to the majority-class rate. docs/training.md gives the
-measured time and accuracy, how to place the data of each task and the preprocessing conventions.
+With no arguments the script generates a small ListOps set with the official generator's algorithm,
+with shorter expressions so that a laptop CPU can learn it in minutes. It trains on that set and prints
+the test accuracy of the best-validation weights next to the majority-class rate. docs/training.md
+gives the measured time and accuracy, how to place the data of each task and the preprocessing
+conventions.
 
 Sections: conventions, errors, the ListOps generator, readers for each task, batching, the model,
 the learning-rate schedule, configuration and presets, checkpoints and metrics, distributed helpers,
@@ -132,9 +133,9 @@ def rows_error(path: Path, line_number: int, message: str) -> UsageError:
 # length counts operators, "]" and digits (not parentheses), and a tree is kept only if
 # min_length < length < max_length. Duplicates are dropped.
 #
-# The printed form nests the arguments as left-folded pairs: an operator with n arguments prints as
-# n + 1 "(", the operator, the first argument, then ")" after each argument and "]" ")" at the end:
-# [MAX 2 9 ] prints as "( ( ( [MAX 2 ) 9 ) ] )".
+# The printed form nests the arguments as left-folded pairs. An operator with n arguments prints as
+# n + 1 "(", the operator and the first argument, then ")" after each argument and "]" ")" at the end,
+# so [MAX 2 9 ] prints as "( ( ( [MAX 2 ) 9 ) ] )".
 
 
 class _TreeTooLong(Exception):
@@ -683,11 +684,11 @@ def train_batches(
 ) -> list[list[int]]:
     """Return this process's index lists for the global batches start.. of one epoch.
 
-    With lengths given, batches are bucketed: the epoch's permutation is cut into pools of
+    With lengths given, batches are bucketed. The epoch's permutation is cut into pools of
     BUCKET_BATCHES global batches, each pool is sorted by length and cut into batches, and the batch
-    order is shuffled, so a batch pads to a length close to its longest example. The last partial
-    global batch of an epoch is dropped so that every step sees global_batch examples on world
-    processes (evaluation, in contrast, scores every example).
+    order is shuffled. Most examples in a batch then have a length close to the batch's maximum length. The
+    last partial global batch of an epoch is dropped so that every step sees global_batch examples on
+    world processes (evaluation, in contrast, scores every example).
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(num_examples, generator=generator).tolist()
@@ -1628,7 +1629,7 @@ def generate_command(argv: Sequence[str]) -> int:
     sizes = (args.train_size, args.val_size, args.test_size)
     start = time.perf_counter()
     if not ensure_listops_files(out, args.seed, sizes, args.min_length, args.max_length):
-        print(f"{out} already holds {', '.join(LISTOPS_SPLIT_FILES)}; nothing generated")
+        print(f"{out} already contains {', '.join(LISTOPS_SPLIT_FILES)}; nothing generated")
         return 0
     print(f"wrote {', '.join(f'{name} ({size})' for name, size in zip(LISTOPS_SPLIT_FILES, sizes))} to {out} "
           f"in {time.perf_counter() - start:.0f} s")
@@ -1672,7 +1673,7 @@ def run(given: dict) -> int:
                 stamp = broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
                 out_dir = Path("runs") / f"{cfg.task}-{cfg.attention}-{stamp}"
             if (out_dir / "last.pt").exists():
-                raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
+                raise UsageError(f"{out_dir} already contains a run; continue it with --resume {out_dir} "
                                  "or choose another --out-dir")
             cfg.out_dir = str(out_dir)
         return train(cfg, out_dir, device, checkpoint)
