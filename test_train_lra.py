@@ -906,7 +906,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
     assert code == 2
-    assert stderr.endswith("\n") and stderr.count("\n") == 1, f"expected one line, got {stderr!r}"
+    assert stderr.endswith("\n"), f"expected one line, got {stderr!r}"
+    assert stderr.count("\n") == 1, f"expected one line, got {stderr!r}"
     assert "Traceback" not in stderr
     for fragment in fragments:
         assert fragment in stderr, f"{fragment!r} missing from {stderr!r}"
