@@ -942,7 +942,7 @@ PRESETS = {
     # The CPU job: what a 2-core laptop can learn in under 10 minutes, data generation included.
     "listops-cpu": dict(
         # Expressions of 51-299 tokens instead of 501-1999: the same task (nested MIN, MAX, MED, SM
-        # up to depth 10) at a length where a training step took 75-95 ms on 2 CPU cores when no other
+        # up to depth 10) at a length where a training step took 70-95 ms on 2 CPU cores when no other
         # job competed for them.
         # 12,000 training expressions take about 7 s to generate.
         generate_sizes=(12000, 1000, 1000),
