@@ -81,7 +81,7 @@ def estimated_bytes(path: str, batch: int, heads: int, length: int, dim: int, ch
     """Estimate the peak memory of forward+backward: how many L x L (or L x C) tensors are alive at once."""
     matrix = batch * heads * length * length * elem
     vectors = 16 * batch * heads * length * dim * elem
-    live_matrices = {"plain": 4, "reference": 6, "fast": 2, "compiled": 4}
+    live_matrices = {"plain": 4, "reference": 6, "fast": 2, "compiled": 4}  # fast: scores and their gradient
     if path in live_matrices:
         return live_matrices[path] * matrix + vectors
     if path == "chunk":

@@ -269,6 +269,9 @@ def smooth_values(
 # model trained on many lengths would otherwise keep one (H, L, L) tensor per length.
 _DECAY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _DECAY_CACHE_SIZE = 8
+# A decay larger than this is not cached but made per head when needed: at H = 8 and L = 16,384 it
+# would be 8 GiB in fp32, as large as one sequence's scores.
+_DECAY_CACHE_MAX_BYTES = 512 * 2**20
 
 
 def _decay_in(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -367,14 +370,16 @@ class _DecayedSoftmax(torch.autograd.Function):
     The plain autograd graph of these steps keeps an extra L x L tensor per step (scaled scores, decayed
     scores, masked scores). This function keeps only q, k and the probabilities, like plain attention,
     and reuses one L x L buffer for the scores, the decay, the masks and the softmax. decay already
-    contains the scale. Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C); allowed broadcastable to
-    (B, H, N, C, C); empty_rows broadcastable to (B, H, N, C, 1). Returns the probabilities (B, H, N, C, C).
+    contains the scale; when it is None (a decay too large to cache), each head's (C, C) decay is
+    computed from `alphas` and `scale` when needed. Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C) or
+    None; allowed broadcastable to (B, H, N, C, C); empty_rows broadcastable to (B, H, N, C, 1).
+    Returns the probabilities (B, H, N, C, C).
     """
 
     @staticmethod
-    def forward(ctx, q, k, decay, allowed, empty_rows):
+    def forward(ctx, q, k, decay, allowed, empty_rows, alphas, scale):
         scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, N, C, C)
-        scores.mul_(decay)
+        _apply_decay(scores, decay, alphas, scale)
         if allowed is not None:
             # A select, never a product: the decay can be exactly 0 and 0 * -inf = NaN.
             scores.masked_fill_(~allowed, float("-inf"))
@@ -382,26 +387,38 @@ class _DecayedSoftmax(torch.autograd.Function):
         attn = _softmax_in_place(scores)
         if allowed is not None:
             attn.masked_fill_(empty_rows, 0.0)
-        ctx.save_for_backward(q, k, decay, attn, empty_rows)
+        ctx.save_for_backward(q, k, decay, attn, empty_rows, alphas)
+        ctx.scale = scale
         return attn
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_attn):
-        q, k, decay, attn, empty_rows = ctx.saved_tensors
+        q, k, decay, attn, empty_rows, alphas = ctx.saved_tensors
         # grad_attn is a fresh tensor from the backward of the matmul (or dropout) that consumes attn in
         # _las_core, so its buffer is reused for the score gradient.
         grad = grad_attn.contiguous()
         if empty_rows is not None:
             grad.masked_fill_(empty_rows, 0.0)
         grad = _softmax_backward_in_place(grad, attn)  # (B, H, N, C, C)
-        grad.mul_(decay)
+        _apply_decay(grad, decay, alphas, ctx.scale)
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
             grad_q = torch.matmul(grad, k)  # (B, H, N, C, D)
         if ctx.needs_input_grad[1]:
             grad_k = torch.matmul(grad.transpose(-2, -1), q)  # (B, H, N, C, D)
-        return grad_q, grad_k, None, None, None
+        return grad_q, grad_k, None, None, None, None, None
+
+
+def _apply_decay(scores: torch.Tensor, decay: Optional[torch.Tensor], alphas: torch.Tensor, scale: float) -> None:
+    """Multiply (B, H, N, C, C) scores in place by the decay, or by each head's decay made on the fly."""
+    if decay is not None:
+        scores.mul_(decay)
+        return
+    length = scores.shape[-1]
+    for head in range(scores.shape[1]):
+        head_decay = _decay_in(length, alphas[head : head + 1], scores.dtype, scale)  # (1, C, C)
+        scores[:, head].mul_(head_decay)
 
 
 def _softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
@@ -450,10 +467,12 @@ def _las_core(
     padding = _chunked_padding_mask(key_padding_mask, batch, length, chunk, num_chunks, query.device)
     allowed = _allowed_keys(padding, chunk, is_causal, query.device)
     if padding is not None:
-        # Zero q and k at padding positions with a select: a NaN stored there would otherwise reach the
-        # gradients of real positions through 0 * NaN in the backward matmuls.
-        q = q.masked_fill(padding[:, None, :, :, None], 0.0)
-        k = k.masked_fill(padding[:, None, :, :, None], 0.0)
+        # A NaN or inf stored at padding would reach the gradients of real positions through 0 * NaN in
+        # the backward matmuls. Keys at padding are excluded anyway, so they are zeroed; queries at
+        # padding keep finite values, so their (unused) outputs stay those of ordinary attention.
+        padding_rows = padding[:, None, :, :, None]  # (B, 1, N, C, 1)
+        k = k.masked_fill(padding_rows, 0.0)
+        q = q.masked_fill(padding_rows & ~q.isfinite(), 0.0)
 
     if smooth_matrix or alphas.requires_grad:
         # scores
@@ -467,9 +486,11 @@ def _las_core(
         attn = _masked_softmax(scores, allowed)  # (B, H, N, C, C)
     else:
         # The same three steps, fused: the decay (times the scale) is cached and applied in place.
-        decay = _cached_decay(chunk, alphas, q.dtype, scale)  # (H, C, C)
+        decay = None
+        if heads * chunk * chunk * q.element_size() <= _DECAY_CACHE_MAX_BYTES:
+            decay = _cached_decay(chunk, alphas, q.dtype, scale)[:, None]  # (H, 1, C, C)
         empty_rows = None if allowed is None else ~allowed.any(dim=-1, keepdim=True)
-        attn = _DecayedSoftmax.apply(q, k, decay[:, None], allowed, empty_rows)  # (B, H, N, C, C)
+        attn = _DecayedSoftmax.apply(q, k, decay, allowed, empty_rows, alphas, scale)  # (B, H, N, C, C)
 
     # dropout, before smoothing
     if dropout_p > 0.0:
@@ -711,9 +732,10 @@ def las_attention_flex(
         # flex_attention on CPU rejects inputs that require grad even under torch.no_grad().
         query, key, value = query.detach(), key.detach(), value.detach()
     if key_padding_mask is not None:
-        # As in las_attention: values stored at padding positions must not reach anything real.
-        query = query.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-        key = key.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        # As in las_attention: NaN or inf stored at padding positions must not reach anything real.
+        padding_rows = key_padding_mask[:, None, :, None]  # (B, 1, L, 1)
+        key = key.masked_fill(padding_rows, 0.0)
+        query = query.masked_fill(padding_rows & ~query.isfinite(), 0.0)
 
     batch, heads, length, dim = query.shape
     chunk, _ = _layout(length, chunk_size)

@@ -1136,3 +1136,25 @@ def test_smooth_values_rejects_mask():
         las.smooth_values(value, 3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
         las.smooth_values(value, 3, key_padding_mask=torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fast_uncached_decay_matches_reference(monkeypatch, is_causal):
+    # Above the cache size limit the fast path makes each head's decay on the fly; same numbers.
+    monkeypatch.setattr(las, "_DECAY_CACHE_MAX_BYTES", 0)
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 12, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    mask = torch.tensor([[False] * 12, [False] * 7 + [True] * 5])
+    alphas = torch.tensor([0.0, 0.1, 0.9], dtype=torch.float64)
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs, alphas, key_padding_mask=mask, is_causal=is_causal, chunk_size=5)
+        out.sum().backward()
+        return out.detach(), [t.grad for t in inputs]
+
+    fast, fast_grads = run(las.las_attention)
+    reference, reference_grads = run(las.las_attention_reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(("query", "key", "value"), fast_grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
