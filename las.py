@@ -202,9 +202,11 @@ def decay_mask(length: int, alphas: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"length must be a positive int, got {length!r}")
     if not isinstance(alphas, torch.Tensor) or alphas.dim() != 1:
         raise ValueError(f"alphas must be a 1-D tensor of shape (H,), got {getattr(alphas, 'shape', alphas)}")
-    positions = torch.arange(length, device=alphas.device)
-    distance = (positions[:, None] - positions[None, :]).abs().to(alphas.dtype)  # (L, L)
-    return torch.exp(-alphas[:, None, None] * distance)  # (H, L, L)
+    # Distances are integers, exact in float32 up to 2**24, so they are built in the rates' dtype; the
+    # in-place steps keep the peak at one (L, L) and one (H, L, L) tensor.
+    positions = torch.arange(length, device=alphas.device, dtype=alphas.dtype)
+    distance = (positions[:, None] - positions[None, :]).abs_()  # (L, L)
+    return (-alphas[:, None, None] * distance).exp_()  # (H, L, L)
 
 
 def smooth_rows(attn: torch.Tensor, pool_size: int, is_causal: bool = False) -> torch.Tensor:
@@ -275,12 +277,15 @@ _DECAY_CACHE_MAX_BYTES = 512 * 2**20
 
 
 def _decay_in(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """Return scale * decay_mask(length, alphas), computed in float64 and rounded once to `dtype`.
+    """Return scale * decay_mask(length, alphas) in `dtype`.
 
-    Rounding the rates or the scale to float32 first would put float32 error into float64 results.
+    Computed in float32, or float64 for float64 results (rounding the rates or the scale to float32
+    would put float32 error into them), then rounded once to `dtype`.
     """
-    work_dtype = torch.float64 if alphas.device.type in ("cpu", "cuda") else torch.float32
-    return (decay_mask(length, alphas.to(work_dtype)) * scale).to(dtype)
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = decay_mask(length, alphas.to(work_dtype))
+    decay = decay.mul_(scale) if not decay.requires_grad else decay * scale
+    return decay.to(dtype)
 
 
 def _cached_decay(length: int, alphas: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
