@@ -1231,16 +1231,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """Save training loss and validation accuracy against step as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
+    """Save training loss and validation accuracy against step as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare matplotlib Figure needs no backend, so plotting here leaves a notebook's backend alone.
+    """
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
     train = [record for record in records if record["event"] == "train"]
     evals = [record for record in records if record["event"] == "eval"]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
     loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     loss_axis.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     loss_axis.set_xlabel("step")
@@ -1253,7 +1254,6 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     accuracy_axis.legend()
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
-    plt.close(figure)
 
 
 # ----------------------------------------------------------------------------------------------------
