@@ -1,6 +1,6 @@
 """Property tests for las.py: LaS attention checked against an independent float64 NumPy statement.
 
-Run with `python -m pytest -q test_las.py` (60 to 90 s measured on two shared CPU cores).
+Run with `python -m pytest -q test_las.py` (about 15 s on an idle 2-core machine, 60 to 90 s when other jobs share the cores).
 
 `numpy_las` below restates the operator from its equations, without calling las.py. For head h:
 
