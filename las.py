@@ -112,8 +112,8 @@ def _check_alphas(alphas, num_heads: int) -> None:
     if not alphas.is_floating_point():
         raise TypeError(f"alphas must be a floating-point tensor, got dtype {alphas.dtype}")
     # The value check reads the tensor, which a compiled graph cannot do without a break.
-    if not torch.compiler.is_compiling() and bool((alphas < 0).any()):
-        raise ValueError(f"alphas must be non-negative, got {alphas.tolist()}")
+    if not torch.compiler.is_compiling() and not bool(((alphas >= 0) & alphas.isfinite()).all()):
+        raise ValueError(f"alphas must be finite and non-negative, got {alphas.tolist()}")
 
 
 def _check_key_padding_mask(mask, batch: int, length: int) -> None:
@@ -175,8 +175,8 @@ def alpha_schedule(
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if not max_alpha >= 0:
-        raise ValueError(f"max_alpha must be >= 0, got {max_alpha}")
+    if not (max_alpha >= 0 and math.isfinite(max_alpha)):
+        raise ValueError(f"max_alpha must be finite and >= 0, got {max_alpha}")
     if max_alpha == 0:
         return torch.zeros(num_heads)
     if not 0 < min_alpha <= max_alpha:
@@ -513,7 +513,7 @@ def _las_core(
 
     # aggregate
     out = torch.matmul(attn, v)  # (B, H, N, C, Dv)
-    out = out.reshape(batch, heads, num_chunks * chunk, -1)
+    out = out.reshape(batch, heads, num_chunks * chunk, v.shape[-1])
     return out[:, :, :length] if num_chunks * chunk != length else out  # (B, H, L, Dv)
 
 
@@ -689,7 +689,7 @@ def _smooth_values_in_chunks(value, pool_size, is_causal, key_padding_mask, chun
         v = v.masked_fill(padding[:, None, :, :, None], 0.0)
     if pool_size > 1:
         v = _pool_sequence(v, pool_size, is_causal)  # (B, H, N, C, D)
-    v = v.reshape(batch, heads, num_chunks * chunk, -1)[:, :, :length]  # (B, H, L, D)
+    v = v.reshape(batch, heads, num_chunks * chunk, value.shape[-1])[:, :, :length]  # (B, H, L, D)
     return v.contiguous()
 
 
@@ -743,6 +743,8 @@ def las_attention_flex(
         query = query.masked_fill(padding_rows & ~query.isfinite(), 0.0)
 
     batch, heads, length, dim = query.shape
+    if batch == 0:
+        return value.new_zeros(value.shape)  # nothing to attend; the kernel cannot index an empty batch
     chunk, _ = _layout(length, chunk_size)
     smoothed = _smooth_values_in_chunks(value, pool_size, is_causal, key_padding_mask, chunk_size)
 

@@ -124,6 +124,13 @@ def test_flex_rejects_training_on_cpu():
         las.las_attention_flex(q, k, v, torch.zeros(2))
 
 
+def test_flex_empty_batch_returns_empty():
+    q, k, v, _ = make_inputs(0, 2, 9, 8)
+    with torch.no_grad():
+        out = las.las_attention_flex(q, k, v, torch.tensor([0.0, 0.3]))
+    assert out.shape == (0, 2, 9, 8)
+
+
 def test_flex_rejects_float64_on_cpu():
     q, k, v, _ = make_inputs(1, 1, 4, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match="got torch.float64"):

@@ -1158,3 +1158,19 @@ def test_fast_uncached_decay_matches_reference(monkeypatch, is_causal):
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
     for name, got, want in zip(("query", "key", "value"), fast_grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("path", PATH_NAMES)
+def test_empty_batch_returns_empty(path):
+    q, k, v = (torch.randn(0, 2, 9, 4) for _ in range(3))
+    out = PATHS[path](q, k, v, torch.tensor([0.0, 0.3]), chunk_size=4)
+    assert out.shape == (0, 2, 9, 4)
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf")])
+def test_rejects_non_finite_rates(rate):
+    q, k, v = (torch.randn(1, 2, 4, 2) for _ in range(3))
+    with pytest.raises(ValueError, match="finite"):
+        las.las_attention(q, k, v, torch.tensor([0.0, rate]))
+    with pytest.raises(ValueError, match="max_alpha"):
+        las.alpha_schedule(4, max_alpha=rate)
