@@ -959,10 +959,29 @@ def test_error_missing_split_file(tmp_path, capsys):
     (["--pool-size", "2"], ["--pool-size must be a positive odd integer, got 2"]),
     (["--dim", "30", "--heads", "4"], ["--dim (30) must be divisible by --heads (4)"]),
     (["--resume", "nowhere"], ["no checkpoint nowhere/last.pt to resume from"]),
+    (["--max-alpha", "inf"], ["finite --max-alpha >= 0", "got inf"]),
+    (["--max-alpha", "nan"], ["finite --max-alpha >= 0", "got nan"]),
+    (["--lr", "nan"], ["--lr must be a finite number > 0, got nan"]),
+    (["--grad-clip", "0"], ["--grad-clip must be a finite number > 0, got 0.0"]),
+    (["--weight-decay", "-1"], ["--weight-decay must be a finite number >= 0, got -1.0"]),
+    (["--threads", "0"], ["--threads must be at least 1, got 0"]),
+    (["--backend", "flex", "--device", "cpu"], ["--backend flex cannot train on CPU"]),
 ])
 def test_error_bad_options(argv, fragments, capsys):
     code, _, stderr = run_main(argv, capsys)
     assert_one_line_error(code, stderr, *fragments)
+
+
+def test_error_generator_window_too_small(tmp_path, capsys):
+    # Only the ten single digits have length 1, so 22 distinct expressions cannot exist.
+    argv = ["generate-listops", "--out", str(tmp_path), "--train-size", "20", "--val-size", "1",
+            "--test-size", "1", "--min-length", "0", "--max-length", "2"]
+    code, _, stderr = run_main(argv, capsys)
+    last_line = stderr.strip().splitlines()[-1]  # the progress bar shares stderr
+    assert code == 2
+    assert "Traceback" not in stderr
+    assert last_line.startswith("train_lra.py: error: generating ListOps stopped")
+    assert "after 10 of 22" in last_line
 
 
 def test_error_warmup_not_shorter_than_run(tmp_path, capsys):

@@ -239,11 +239,24 @@ def generate_listops(
     total = sum(sizes)
     seen: set[str] = set()
     examples: list[tuple[str, int]] = []
+    # Draws in a row that gave nothing new. About 8% of trees fall in the official window (500-2000)
+    # and 3% in 50-300 (measured), so a million misses in a row means the window cannot supply that
+    # many distinct expressions.
+    max_misses = 1_000_000
+    misses = 0
     with tqdm(total=total, desc="generating ListOps", unit="ex", disable=not progress, mininterval=1.0) as bar:
         while len(examples) < total:
             sample = generator.sample()
             if sample is None or sample[0] in seen:
+                misses += 1
+                if misses >= max_misses:
+                    raise UsageError(
+                        f"generating ListOps stopped: {max_misses:,} draws in a row gave no new expression "
+                        f"with {min_length} < length < {max_length} after {len(examples):,} of {total:,}; "
+                        "widen the length range or ask for fewer examples"
+                    )
                 continue
+            misses = 0
             seen.add(sample[0])
             examples.append((sample[0], sample[1]))
             bar.update(1)
@@ -926,6 +939,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     backend: str = "auto"  # LaS kernel choice passed to las.py blocks
     num_workers: int = 0  # DataLoader worker processes
+    threads: Optional[int] = None  # CPU threads of torch ops; None keeps torch's default (one per core)
     bucket: bool = True  # batch examples of similar length together (variable-length tasks)
     stop_at_step: Optional[int] = None  # stop early with a checkpoint, as an interruption would
     # The generated ListOps set (used when task is listops and data_dir is None).
@@ -1073,12 +1087,18 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--pool-size must be a positive odd integer, got {cfg.pool_size}")
     if cfg.attention == "las-chunk" and (cfg.chunk_size is None or cfg.chunk_size < 1):
         raise UsageError(f"--attention las-chunk needs --chunk-size >= 1, got {cfg.chunk_size}")
-    if cfg.max_alpha < 0 or cfg.min_alpha <= 0:
-        raise UsageError(f"need --max-alpha >= 0 and --min-alpha > 0, got {cfg.max_alpha} and {cfg.min_alpha}")
+    if not (0 <= cfg.max_alpha < math.inf and 0 < cfg.min_alpha < math.inf):
+        raise UsageError(f"need finite --max-alpha >= 0 and --min-alpha > 0, got {cfg.max_alpha} and {cfg.min_alpha}")
+    if cfg.max_alpha > 0 and cfg.min_alpha > cfg.max_alpha:
+        raise UsageError(f"--min-alpha ({cfg.min_alpha}) must not exceed --max-alpha ({cfg.max_alpha})")
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.attention_dropout < 1:
         raise UsageError(f"dropout rates must be in [0, 1), got {cfg.dropout} and {cfg.attention_dropout}")
-    if cfg.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 < cfg.lr < math.inf:
+        raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not 0 < cfg.grad_clip < math.inf:
+        raise UsageError(f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}")
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     if cfg.max_length is not None and cfg.max_length < 1:
         raise UsageError(f"--max-length must be >= 1, got {cfg.max_length}")
     if cfg.warmup_steps is not None and cfg.warmup_epochs is not None:
@@ -1567,7 +1587,7 @@ def build_parser() -> ArgumentParser:
     add("--data-dir", help="folder of the task's files: the release root, its inner lra_release folder or "
         "the task folder. Without it, task listops generates a small set under data/")
     add("--out-dir", help="output folder for config.json, metrics.jsonl, checkpoints and curves.png "
-        "(default runs/<task>-<attention>-<time>)")
+        "(default runs/<task>-<attention>-<date>-<time>)")
     add("--resume", metavar="OUT_DIR", help="continue the run saved in OUT_DIR from its last checkpoint")
 
     # Model
@@ -1604,6 +1624,8 @@ def build_parser() -> ArgumentParser:
     add("--device", help="auto, cpu, cuda or cuda:N")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--num-workers", type=int, help="DataLoader worker processes")
+    add("--threads", type=int,
+        help="CPU threads of torch ops (default: one per core); 1 is faster for small models on a busy machine")
     add("--no-bucket", dest="bucket", action="store_false",
         help="draw training batches uniformly instead of grouping examples of similar length")
     add("--stop-at-step", type=int, help="stop at this step with a checkpoint, as an interruption would")
@@ -1665,8 +1687,15 @@ def run(given: dict) -> int:
     else:
         cfg = build_config(given)
 
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     device = init_distributed(cfg.device)
     try:
+        if cfg.backend == "flex" and device.type == "cpu":
+            raise UsageError("--backend flex cannot train on CPU (torch has no FlexAttention backward there); "
+                             "use --backend eager or compile, or train on a CUDA device")
         if checkpoint is None:
             out_dir = Path(cfg.out_dir) if cfg.out_dir else None
             if out_dir is None:
