@@ -251,24 +251,27 @@ def print_targets(rows: list[Row]) -> None:
         row = by_key.get((path, length))
         return None if row is None else getattr(row, field)
 
-    print("\nKey ratios")
+    lines = []
     plain, fast, reference = get("plain", 4096, "train_ms"), get("fast", 4096, "train_ms"), get("reference", 4096, "train_ms")
     if plain and fast:
-        print(f"  L=4096 fwd+bwd: fast / plain = {fast / plain:.2f}")
+        lines.append(f"  L=4096 fwd+bwd: fast / plain = {fast / plain:.2f}")
     if reference and fast:
-        print(f"  L=4096 fwd+bwd: reference / fast = {reference / fast:.2f} (fast is this many times faster)")
+        lines.append(f"  L=4096 fwd+bwd: reference / fast = {reference / fast:.2f} (fast is this many times faster)")
     plain_mem, fast_mem = get("plain", 4096, "peak_mib"), get("fast", 4096, "peak_mib")
     if plain_mem and fast_mem:
-        print(f"  L=4096 peak memory: fast / plain = {fast_mem / plain_mem:.2f}")
+        lines.append(f"  L=4096 peak memory: fast / plain = {fast_mem / plain_mem:.2f}")
     chunk_4k, chunk_16k = get("chunk", 4096, "train_ms"), get("chunk", 16384, "train_ms")
     if chunk_4k and chunk_16k:
-        print(f"  chunk fwd+bwd: L=16384 / L=4096 = {chunk_16k / chunk_4k:.2f} (linear scaling gives 4)")
+        lines.append(f"  chunk fwd+bwd: L=16384 / L=4096 = {chunk_16k / chunk_4k:.2f} (linear scaling gives 4)")
     full_16k = get("fast", 16384, "train_ms")
     if full_16k and chunk_16k:
-        print(f"  L=16384 fwd+bwd: fast (full) / chunk = {full_16k / chunk_16k:.2f}")
+        lines.append(f"  L=16384 fwd+bwd: fast (full) / chunk = {full_16k / chunk_16k:.2f}")
     fused_fwd, chunk_fwd = get("fused", 16384, "forward_ms"), get("chunk", 16384, "forward_ms")
     if fused_fwd and chunk_fwd:
-        print(f"  L=16384 forward: fused (full LaS) / chunk = {fused_fwd / chunk_fwd:.2f}")
+        lines.append(f"  L=16384 forward: fused (full LaS) / chunk = {fused_fwd / chunk_fwd:.2f}")
+    if lines:
+        print("\nKey ratios")
+        print("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,7 +280,8 @@ def print_targets(rows: list[Row]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="sequence lengths L")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384],
+                        help="sequence lengths L (default: 1024 4096 16384)")
     parser.add_argument("--batch", type=int, default=1, help="batch size B")
     parser.add_argument("--heads", type=int, default=8, help="number of heads H")
     parser.add_argument("--head-dim", type=int, default=32, help="head dimension D")
@@ -292,7 +296,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="skip a path whose estimated peak exceeds this (default: 60%% of RAM or GPU memory)")
     parser.add_argument("--json", metavar="PATH", help="also write one JSON record per row to PATH")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    positive = {"--lengths": min(args.lengths), "--batch": args.batch, "--heads": args.heads,
+                "--head-dim": args.head_dim, "--chunk-size": args.chunk_size, "--repeats": args.repeats}
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.pool_size < 1 or args.pool_size % 2 == 0:
+        parser.error(f"--pool-size must be a positive odd integer, got {args.pool_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} requested, but torch finds no CUDA device; use --device cpu")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    return args
 
 
 def memory_budget(device: torch.device, requested_gb: Optional[float]) -> float:
