@@ -327,7 +327,12 @@ def memory_budget(device: torch.device, requested_gb: Optional[float]) -> float:
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype)
+    elif device.type == "cuda":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
     budget = memory_budget(device, args.max_memory_gb)
     if device.type == "cpu":
         use_mmap_for_large_allocations()
