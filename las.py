@@ -202,7 +202,7 @@ def decay_mask(length: int, alphas: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"length must be a positive int, got {length!r}")
     if not isinstance(alphas, torch.Tensor) or alphas.dim() != 1:
         raise ValueError(f"alphas must be a 1-D tensor of shape (H,), got {getattr(alphas, 'shape', alphas)}")
-    # Distances are integers, exact in float32 up to 2**24, so they are built in the rates' dtype; the
+    # Distances are integers, exact in float32 up to 2**24, so they are built in the rates' dtype. The
     # in-place steps keep the peak at one (L, L) and one (H, L, L) tensor.
     positions = torch.arange(length, device=alphas.device, dtype=alphas.dtype)
     distance = (positions[:, None] - positions[None, :]).abs_()  # (L, L)
@@ -362,8 +362,8 @@ def _masked_softmax(scores: torch.Tensor, allowed: Optional[torch.Tensor]) -> to
         return torch.softmax(scores, dim=-1)
     # Excluded keys are selected away, never multiplied: the decay can be exactly 0 and 0 * -inf = NaN.
     scores = scores.masked_fill(~allowed, float("-inf"))
-    # An empty row would be softmax of all -inf (NaN). Give it finite scores, then zero it below, so
-    # neither the output nor the gradient sees a NaN.
+    # An empty row would be softmax of all -inf (NaN). It gets finite scores here and is zeroed below,
+    # so neither the output nor the gradient contains a NaN.
     empty_row = ~allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(empty_row, 0.0)
     return torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
@@ -430,7 +430,7 @@ def _softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis, written into `scores` on CPU (a new tensor elsewhere).
 
     The CPU kernel works row by row and reads each entry before writing it, so the output may alias the
-    input; this skips a fresh L x L allocation, whose page faults cost as much as the softmax itself.
+    input. This skips a fresh L x L allocation, whose page faults cost as much as the softmax itself.
     The tests compare the result with the out-of-place reference path.
     """
     if scores.device.type == "cpu" and scores.is_contiguous():
