@@ -3,8 +3,8 @@
     python bench_las.py                      # CPU: fp32, B=1, H=8, D=32, L = 1024, 4096, 16384
     python bench_las.py --lengths 4096 --json bench.jsonl
 
-For each length and path it times the forward pass and forward+backward (median of --repeats runs
-after --warmup runs) and measures the peak memory above the inputs, then prints one table with the
+For each length and path it times the forward pass and forward+backward, the median of --repeats runs
+after --warmup runs, and measures the peak memory above the inputs. Then it prints one table with the
 ratios to plain materialized attention and to F.scaled_dot_product_attention (SDPA). The paths:
 
     plain      softmax(q k^T / sqrt(D)) v written out (materializes the L x L matrix)
@@ -65,7 +65,7 @@ def plain_attention(q, k, v):
 
 
 def make_paths(alphas: torch.Tensor, pool_size: int, chunk_size: int) -> dict[str, Callable]:
-    compiled = torch.compile(las.las_attention, dynamic=True)
+    compiled = las._get_compiled_las_attention()  # the same compiled function as backend="compile"
     return {
         "plain": plain_attention,
         "sdpa": F.scaled_dot_product_attention,

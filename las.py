@@ -375,8 +375,8 @@ class _DecayedSoftmax(torch.autograd.Function):
     The plain autograd graph of these steps keeps an extra L x L tensor per step (scaled scores, decayed
     scores, masked scores). This function keeps only q, k and the probabilities, like plain attention,
     and reuses one L x L buffer for the scores, the decay, the masks and the softmax. decay already
-    contains the scale; when it is None (a decay too large to cache), each head's (C, C) decay is
-    computed from `alphas` and `scale` when needed. Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C) or
+    contains the scale. When it is None, because the decay is too large to cache, each head's (C, C)
+    decay is computed from `alphas` and `scale` when needed. Shapes: q, k (B, H, N, C, D); decay (H, 1, C, C) or
     None; allowed broadcastable to (B, H, N, C, C); empty_rows broadcastable to (B, H, N, C, 1).
     Returns the probabilities (B, H, N, C, C).
     """
@@ -478,6 +478,8 @@ def _las_core(
         padding_rows = padding[:, None, :, :, None]  # (B, 1, N, C, 1)
         k = k.masked_fill(padding_rows, 0.0)
         q = q.masked_fill(padding_rows & ~q.isfinite(), 0.0)
+        # Zeroing value at padding is the same as zeroing the padding columns after smoothing.
+        v = v.masked_fill(padding_rows, 0.0)
 
     if smooth_matrix or alphas.requires_grad:
         # scores
@@ -502,8 +504,6 @@ def _las_core(
         attn = F.dropout(attn, p=dropout_p, training=True)
 
     # smooth, and keep padding keys at zero weight
-    if padding is not None:
-        v = v.masked_fill(padding[:, None, :, :, None], 0.0)
     if smooth_matrix:
         attn = smooth_rows(attn, pool_size, is_causal)  # (B, H, N, C, C)
         if padding is not None:
@@ -564,7 +564,8 @@ def las_attention(
 
     Same arguments, shapes and result as las_attention_reference, to rounding. Because row pooling is
     a banded matrix M, smooth_rows(A) @ V = A @ (M V), and M V is smooth_values(V): the smoothing costs
-    O(L * D) instead of O(L^2). The decay tensor is cached per rates, length, device and dtype.
+    O(L * D) instead of O(L^2). The decay tensor is cached per rates, length, device and dtype, up to
+    512 MiB; a larger decay is made one head at a time when it is needed.
     """
     _prepare(query, key, value, alphas, pool_size, is_causal, key_padding_mask, dropout_p, chunk_size)
     return _las_core(
@@ -783,10 +784,10 @@ class LaSAttention(nn.Module):
     (`alphas`, shape (H,)), not a parameter. max_alpha = 0 with pool_size = 1 is plain softmax
     attention, the baseline for comparisons.
 
-    backend: "auto" (FlexAttention on CUDA when attention dropout is off, else eager), "eager"
-    (las_attention), "compile" (torch.compile of las_attention), "flex" (las_attention_flex; inference
-    only on CPU, no attention dropout) or "reference" (las_attention_reference). All compute the same
-    function; they differ in speed and memory.
+    backend selects the path. "auto" is FlexAttention on CUDA when attention dropout is off, else
+    eager. "eager" is las_attention, "compile" is torch.compile of it, and "reference" is
+    las_attention_reference. "flex" is las_attention_flex, which has no attention dropout and serves
+    only inference on CPU. All compute the same function and differ in speed and memory.
     """
 
     def __init__(
