@@ -64,6 +64,8 @@ __all__ = [
     "las_attention_flex",
     "LaSAttention",
     "LaSBlock",
+    "MaskedBatchNorm1d",
+    "convert_sync_batch_norm",
 ]
 
 # Default rates. Head 0 keeps alpha = 0 (global); heads 1..H-1 are spaced evenly in log space between
@@ -886,16 +888,44 @@ class LaSAttention(nn.Module):
 # The block
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum a tensor over the processes of the default group. Its gradient is summed the same way."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over (B, L, dim) whose batch statistics use real (non-padding) positions only.
 
     With padding counted, the same example would normalize differently alone and inside a padded batch.
+    sync=True takes the training statistics over the real positions of every process in the default
+    torch.distributed group (the role of nn.SyncBatchNorm, which knows no padding mask). Without an
+    initialized group of two or more processes it changes nothing.
     """
+
+    def __init__(self, num_features: int, *args, sync: bool = False, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.sync = sync
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         dim = x.shape[-1]
         if key_padding_mask is None:
-            return super().forward(x.reshape(-1, dim)).view_as(x)
+            return self._normalize(x.reshape(-1, dim)).view_as(x)
         real = ~key_padding_mask  # (B, L)
         if not self.training:
             # Running statistics act per position, so padding cannot change real outputs here.
@@ -903,8 +933,39 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             return out.masked_fill(key_padding_mask[..., None], 0.0)
         # Training: the real positions form the batch; padding positions stay at zero.
         out = torch.zeros_like(x)
-        out[real] = super().forward(x[real])  # (real positions, dim)
+        out[real] = self._normalize(x[real])  # (real positions, dim)
         return out
+
+    def _normalize(self, rows: torch.Tensor) -> torch.Tensor:
+        """Normalize rows (N, dim). In sync mode the statistics come from the rows of every process."""
+        if not (self.sync and self.training and _world_size() > 1):
+            return super().forward(rows)
+        x = rows.float()
+        # Two passes (mean, then squared deviations) keep the variance accurate in float32.
+        count_and_sum = _SumOverProcesses.apply(torch.cat([x.new_full((1,), x.shape[0]), x.sum(0)]))
+        count = count_and_sum[0]
+        mean = count_and_sum[1:] / count  # (dim,)
+        centred = x - mean
+        variance = _SumOverProcesses.apply((centred * centred).sum(0)) / count  # (dim,), biased
+        out = centred * torch.rsqrt(variance + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                unbiased = variance * (count / (count - 1).clamp_min(1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        return out.to(rows.dtype)
+
+
+def convert_sync_batch_norm(module: nn.Module) -> nn.Module:
+    """Switch every MaskedBatchNorm1d inside module to statistics over all processes and return module."""
+    for child in module.modules():
+        if isinstance(child, MaskedBatchNorm1d):
+            child.sync = True
+    return module
 
 
 class LaSBlock(nn.Module):

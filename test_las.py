@@ -989,6 +989,74 @@ def test_batch_norm_block_train_padding(is_causal):
             )
 
 
+def _sync_batch_norm_inputs():
+    """Four examples of different lengths, padding filled with 1e3, a fixed output weighting."""
+    generator = torch.Generator().manual_seed(16)
+    x = torch.randn(4, 6, 3, generator=generator) * 2 + 1
+    mask = torch.arange(6)[None, :] >= torch.tensor([6, 2, 5, 3])[:, None]  # (4, 6)
+    x = x.masked_fill(mask[..., None], 1e3)
+    return x, mask, torch.randn(4, 6, 3, generator=generator)
+
+
+def _batch_norm_step(norm, x, mask, weighting):
+    x = x.clone().requires_grad_(True)
+    out = norm(x, mask)
+    (out * weighting).sum().backward()
+    return out.detach(), x.grad
+
+
+def _sync_batch_norm_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, mask, weighting = _sync_batch_norm_inputs()
+        norm = las.MaskedBatchNorm1d(3, sync=True).train()
+        with torch.no_grad():
+            norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        half = slice(2 * rank, 2 * rank + 2)
+        out, grad = _batch_norm_step(norm, x[half], mask[half], weighting[half])
+        parameter_grads = torch.cat([norm.weight.grad, norm.bias.grad])
+        # Each process's loss is its share of one sum, so the parameter gradients add up over processes.
+        torch.distributed.all_reduce(parameter_grads)
+        torch.save({"out": out, "grad": grad, "parameter_grads": parameter_grads,
+                    "running_mean": norm.running_mean, "running_var": norm.running_var},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sync_batch_norm_matches_one_process(tmp_path):
+    """Two processes with two examples each normalize, and differentiate, like one process with four."""
+    x, mask, weighting = _sync_batch_norm_inputs()
+    norm = las.MaskedBatchNorm1d(3).train()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    out, grad = _batch_norm_step(norm, x, mask, weighting)
+    parameter_grads = torch.cat([norm.weight.grad, norm.bias.grad])
+
+    torch.multiprocessing.spawn(_sync_batch_norm_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out, **close)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), grad, **close)
+    for result in ranks:
+        torch.testing.assert_close(result["parameter_grads"], parameter_grads, **close)
+        torch.testing.assert_close(result["running_mean"], norm.running_mean, **close)
+        torch.testing.assert_close(result["running_var"], norm.running_var, **close)
+    assert torch.all(ranks[0]["out"][1, 2:] == 0), "padding positions must stay zero"
+
+
+def test_sync_batch_norm_without_group():
+    x, mask, weighting = _sync_batch_norm_inputs()
+    plain = las.MaskedBatchNorm1d(3).train()
+    block = las.convert_sync_batch_norm(las.LaSBlock(3, 1, norm="batch"))
+    assert block.norm1.sync and block.norm2.sync
+    synced = block.norm1
+    assert torch.equal(_batch_norm_step(synced, x, mask, weighting)[1], _batch_norm_step(plain, x, mask, weighting)[1])
+    assert torch.equal(synced.running_var, plain.running_var)
+
+
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_block_eval_deterministic(norm):
     x, mask = _masked_inputs()

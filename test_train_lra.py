@@ -872,11 +872,12 @@ def test_sigterm_writes_checkpoint(tmp_path):
     assert read_records(out)[-1] == {"event": "stop", "step": checkpoint["step"], "reason": "signal SIGTERM"}
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_torchrun_two_processes_on_cpu(tmp_path, norm):
     write_listops(tmp_path, sizes=(48, 6, 9))
-    # Layer norm: batch-norm statistics would differ between one batch of 8 and two of 4.
+    # Batch norm takes its statistics over both processes, so one batch of 8 equals two of 4.
     common = ["--data-dir", tmp_path, *TINY_MODEL, "--batch-size", 8, "--max-steps", 4, "--warmup-steps", 1,
-              "--eval-every", 2, "--log-every", 1, "--eval-batch-size", 2, "--norm", "layer"]
+              "--eval-every", 2, "--log-every", 1, "--eval-batch-size", 2, "--norm", norm]
     single = run_script([*common, "--out-dir", tmp_path / "single"], tmp_path)
     assert single.returncode == 0, single.stderr
 

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from las import LaSBlock
+from las import LaSBlock, convert_sync_batch_norm
 
 # ----------------------------------------------------------------------------------------------------
 # Conventions
@@ -1425,6 +1425,8 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
 
     train_model = model
     if world > 1:
+        # Batch-norm statistics over the real positions of the whole global batch, as in one process.
+        convert_sync_batch_norm(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
