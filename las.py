@@ -913,9 +913,9 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over (B, L, dim) whose batch statistics use real (non-padding) positions only.
 
     With padding counted, the same example would normalize differently alone and inside a padded batch.
-    sync=True takes the training statistics over the real positions of every process in the default
-    torch.distributed group (the role of nn.SyncBatchNorm, which knows no padding mask). Without an
-    initialized group of two or more processes it changes nothing.
+    Padding positions output 0. sync=True takes the training statistics over the real positions of
+    every process in the default torch.distributed group (the role of nn.SyncBatchNorm, which takes no
+    padding mask). Without an initialized group of two or more processes, sync changes nothing.
     """
 
     def __init__(self, num_features: int, *args, sync: bool = False, **kwargs):
@@ -924,40 +924,54 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         dim = x.shape[-1]
-        if key_padding_mask is None:
-            return self._normalize(x.reshape(-1, dim)).view_as(x)
-        real = ~key_padding_mask  # (B, L)
-        if not self.training:
-            # Running statistics act per position, so padding cannot change real outputs here.
+        synced = self.sync and _world_size() > 1
+        batch_statistics = self.training or not self.track_running_stats
+        if not batch_statistics or (key_padding_mask is None and not synced):
+            # nn.BatchNorm1d itself: running statistics act per position, and without padding every
+            # position is real.
             out = super().forward(x.reshape(-1, dim)).view_as(x)
-            return out.masked_fill(key_padding_mask[..., None], 0.0)
-        # Training: the real positions form the batch; padding positions stay at zero.
-        out = torch.zeros_like(x)
-        out[real] = self._normalize(x[real])  # (real positions, dim)
-        return out
+            return out if key_padding_mask is None else out.masked_fill(key_padding_mask[..., None], 0.0)
+        return self._masked_batch_norm(x, key_padding_mask, synced)
 
-    def _normalize(self, rows: torch.Tensor) -> torch.Tensor:
-        """Normalize rows (N, dim). In sync mode the statistics come from the rows of every process."""
-        if not (self.sync and self.training and _world_size() > 1):
-            return super().forward(rows)
-        x = rows.float()
-        # Two passes (mean, then squared deviations) keep the variance accurate in float32.
-        count_and_sum = _SumOverProcesses.apply(torch.cat([x.new_full((1,), x.shape[0]), x.sum(0)]))
-        count = count_and_sum[0]
+    def _masked_batch_norm(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], synced: bool):
+        """Normalize x with the mean and variance of its real positions, summed over processes if synced."""
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        real = ~key_padding_mask[..., None]  # (B, L, 1)
+
+        # float32 statistics for half-precision input, as BatchNorm computes them. torch.where, not a
+        # product, keeps NaN or inf stored at padding out of the sums and their gradients.
+        values = torch.where(real, x.to(torch.promote_types(x.dtype, torch.float32)), 0.0)  # (B, L, dim)
+        count = real.sum().reshape(1).to(values.dtype)
+        count_and_sum = torch.cat([count, values.sum((0, 1))])  # (1 + dim,)
+        if synced:
+            count_and_sum = _SumOverProcesses.apply(count_and_sum)
+
+        # clamp_min(1): a batch with no real position gives zeros, not NaN.
+        count = count_and_sum[0].clamp_min(1)
         mean = count_and_sum[1:] / count  # (dim,)
-        centred = x - mean
-        variance = _SumOverProcesses.apply((centred * centred).sum(0)) / count  # (dim,), biased
+        # Two passes (mean, then squared deviations) keep the variance accurate in float32.
+        centred = torch.where(real, values - mean, 0.0)  # (B, L, dim)
+        squares = (centred * centred).sum((0, 1))  # (dim,)
+        if synced:
+            squares = _SumOverProcesses.apply(squares)
+        variance = squares / count  # (dim,), biased, as BatchNorm normalizes
+
         out = centred * torch.rsqrt(variance + self.eps)
         if self.affine:
-            out = out * self.weight + self.bias
-        if self.track_running_stats:
+            out = torch.where(real, out * self.weight + self.bias, 0.0)
+
+        if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-                unbiased = variance * (count / (count - 1).clamp_min(1))
+                if self.momentum is None:  # cumulative average, as in BatchNorm
+                    momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+                else:
+                    momentum = self.momentum
+                unbiased = variance * count / (count - 1).clamp_min(1)  # as BatchNorm stores it
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        return out.to(rows.dtype)
+        return out.to(x.dtype)
 
 
 def convert_sync_batch_norm(module: nn.Module) -> nn.Module:

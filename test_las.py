@@ -989,6 +989,47 @@ def test_batch_norm_block_train_padding(is_causal):
             )
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_batch_norm_matches_batch_norm(momentum, dtype):
+    """Training on a padded batch equals nn.BatchNorm1d on the real rows: outputs, gradients, statistics."""
+    generator = torch.Generator().manual_seed(17)
+    x = (torch.randn(3, 5, 4, generator=generator) * 3 + 2).to(dtype)
+    mask = torch.arange(5)[None, :] >= torch.tensor([5, 1, 3])[:, None]  # (3, 5)
+    x = x.masked_fill(mask[..., None], float("nan"))
+    weighting = torch.randn(3, 5, 4, generator=generator).to(dtype)
+    masked = las.MaskedBatchNorm1d(4, momentum=momentum).to(dtype).train()
+    plain = nn.BatchNorm1d(4, momentum=momentum).to(dtype).train()
+    with torch.no_grad():
+        for norm in (masked, plain):
+            norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for _ in range(2):  # two steps, so that the momentum=None average covers more than one batch
+        masked.zero_grad()
+        plain.zero_grad()
+        out, grad = _batch_norm_step(masked, x, mask, weighting)
+        rows = x[~mask].clone().requires_grad_(True)
+        expected = plain(rows)
+        (expected * weighting[~mask]).sum().backward()
+        torch.testing.assert_close(out[~mask], expected.detach(), **tolerance)
+        torch.testing.assert_close(grad[~mask], rows.grad, **tolerance)
+        assert torch.all(out[mask] == 0), "padding positions must output 0"
+        assert torch.all(grad[mask] == 0), "NaN at padding must not reach the gradient"
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(masked, name).grad, getattr(plain, name).grad, **tolerance)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(masked, name), getattr(plain, name), **tolerance)
+
+
+def test_masked_norm_eval_batch_statistics():
+    """track_running_stats=False normalizes with batch statistics in eval mode too, from real rows only."""
+    x, mask, _ = _sync_batch_norm_inputs()
+    masked = las.MaskedBatchNorm1d(3, track_running_stats=False).eval()
+    plain = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(masked(x, mask)[~mask], plain(x[~mask]), rtol=1e-5, atol=1e-5)
+
+
 def _sync_batch_norm_inputs():
     """Four examples of different lengths, padding filled with 1e3, a fixed output weighting."""
     generator = torch.Generator().manual_seed(16)
