@@ -924,13 +924,17 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         dim = x.shape[-1]
-        synced = self.sync and _world_size() > 1
+        synced = self.sync and self.training and _world_size() > 1
         batch_statistics = self.training or not self.track_running_stats
         if not batch_statistics or (key_padding_mask is None and not synced):
             # nn.BatchNorm1d itself: running statistics act per position, and without padding every
             # position is real.
-            out = super().forward(x.reshape(-1, dim)).view_as(x)
-            return out if key_padding_mask is None else out.masked_fill(key_padding_mask[..., None], 0.0)
+            if key_padding_mask is None:
+                return super().forward(x.reshape(-1, dim)).view_as(x)
+            # Zero padding first: NaN there would reach the weight gradient through 0 * NaN.
+            padding = key_padding_mask[..., None]
+            out = super().forward(x.masked_fill(padding, 0.0).reshape(-1, dim)).view_as(x)
+            return out.masked_fill(padding, 0.0)
         return self._masked_batch_norm(x, key_padding_mask, synced)
 
     def _masked_batch_norm(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], synced: bool):
@@ -948,7 +952,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             count_and_sum = _SumOverProcesses.apply(count_and_sum)
 
         # clamp_min(1): a batch with no real position gives zeros, not NaN.
-        count = count_and_sum[0].clamp_min(1)
+        real_count = count_and_sum[0]
+        count = real_count.clamp_min(1)
         mean = count_and_sum[1:] / count  # (dim,)
         # Two passes (mean, then squared deviations) keep the variance accurate in float32.
         centred = torch.where(real, values - mean, 0.0)  # (B, L, dim)
@@ -965,9 +970,13 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative average, as in BatchNorm
-                    momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+                    # At least float32: float16 turns counts above 65,504 into inf, and 1 / inf would freeze the average.
+                    compute_dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
+                    momentum = 1.0 / self.num_batches_tracked.to(compute_dtype)
                 else:
-                    momentum = self.momentum
+                    momentum = torch.tensor(self.momentum, dtype=torch.float64, device=x.device)
+                # Fewer than two real positions give no variance: leave the running statistics alone.
+                momentum = torch.where(real_count > 1, momentum, 0.0).to(self.running_mean.dtype)
                 unbiased = variance * count / (count - 1).clamp_min(1)  # as BatchNorm stores it
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import math
 import re
 from typing import Optional
@@ -1022,6 +1023,30 @@ def test_masked_batch_norm_matches_batch_norm(momentum, dtype):
             torch.testing.assert_close(getattr(masked, name), getattr(plain, name), **tolerance)
 
 
+@pytest.mark.parametrize("real_lengths", [[0, 0], [1, 0]])
+def test_masked_batch_norm_few_positions(real_lengths):
+    """Fewer than two real positions give no variance, so the running statistics stay as they were."""
+    x = torch.randn(2, 3, 4)
+    mask = torch.arange(3)[None, :] >= torch.tensor(real_lengths)[:, None]
+    norm = las.MaskedBatchNorm1d(4).train()
+    out = norm(x, mask)
+    assert torch.all(out.isfinite())
+    assert torch.equal(norm.running_mean, torch.zeros(4))
+    assert torch.equal(norm.running_var, torch.ones(4))
+
+
+def test_masked_batch_norm_eval_nan_padding():
+    """NaN stored at padding reaches neither the output nor any gradient in eval mode."""
+    x, mask, weighting = _sync_batch_norm_inputs()
+    x = x.masked_fill(mask[..., None], float("nan"))
+    norm = las.MaskedBatchNorm1d(3).eval()
+    out, grad = _batch_norm_step(norm, x, mask, weighting)
+    assert torch.all(out.isfinite())
+    assert torch.all(grad.isfinite())
+    assert torch.all(norm.weight.grad.isfinite())
+    assert torch.all(norm.bias.grad.isfinite())
+
+
 def test_masked_norm_eval_batch_statistics():
     """track_running_stats=False normalizes with batch statistics in eval mode too, from real rows only."""
     x, mask, _ = _sync_batch_norm_inputs()
@@ -1047,7 +1072,8 @@ def _batch_norm_step(norm, x, mask, weighting):
 
 
 def _sync_batch_norm_worker(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
     try:
         x, mask, weighting = _sync_batch_norm_inputs()
         norm = las.MaskedBatchNorm1d(3, sync=True).train()
@@ -1059,8 +1085,11 @@ def _sync_batch_norm_worker(rank, world, init_file, out_dir):
         parameter_grads = torch.cat([norm.weight.grad, norm.bias.grad])
         # Each process's loss is its share of one sum, so the parameter gradients add up over processes.
         torch.distributed.all_reduce(parameter_grads)
+        # Eval mode never communicates, even with batch statistics: the processes may call it unevenly.
+        evaluating = las.MaskedBatchNorm1d(3, sync=True, track_running_stats=False).eval()
+        eval_outs = [evaluating(x[half], mask[half]).detach() for _ in range(rank + 1)]
         torch.save({"out": out, "grad": grad, "parameter_grads": parameter_grads,
-                    "running_mean": norm.running_mean, "running_var": norm.running_var},
+                    "running_mean": norm.running_mean, "running_var": norm.running_var, "eval_outs": eval_outs},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -1086,6 +1115,12 @@ def test_sync_batch_norm_matches_one_process(tmp_path):
         torch.testing.assert_close(result["running_mean"], norm.running_mean, **close)
         torch.testing.assert_close(result["running_var"], norm.running_var, **close)
     assert torch.all(ranks[0]["out"][1, 2:] == 0), "padding positions must stay zero"
+    for rank, result in enumerate(ranks):
+        half = slice(2 * rank, 2 * rank + 2)
+        local = las.MaskedBatchNorm1d(3, track_running_stats=False).eval()(x[half], mask[half])
+        assert len(result["eval_outs"]) == rank + 1
+        for eval_out in result["eval_outs"]:
+            torch.testing.assert_close(eval_out, local.detach(), **close)
 
 
 def test_sync_batch_norm_without_group():
