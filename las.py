@@ -970,7 +970,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative average, as in BatchNorm
-                    # At least float32: float16 turns counts above 65,504 into inf, and 1 / inf would freeze the average.
+                    # At least float32: float16 turns counts above 65,504 into inf, and 1 / inf = 0
+                    # would freeze the average.
                     compute_dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
                     momentum = 1.0 / self.num_batches_tracked.to(compute_dtype)
                 else:
