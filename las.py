@@ -969,14 +969,14 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
+                # At least float32: float16 turns counts above 65,504 into inf, and 1 / inf = 0 would
+                # freeze the cumulative average. float64 buffers need a float64 momentum.
+                compute_dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
                 if self.momentum is None:  # cumulative average, as in BatchNorm
-                    # At least float32: float16 turns counts above 65,504 into inf, and 1 / inf = 0
-                    # would freeze the average.
-                    compute_dtype = torch.promote_types(self.running_mean.dtype, torch.float32)
                     momentum = 1.0 / self.num_batches_tracked.to(compute_dtype)
                 else:
-                    momentum = torch.tensor(self.momentum, dtype=torch.float64, device=x.device)
-                # Fewer than two real positions give no variance: leave the running statistics alone.
+                    momentum = torch.full((), self.momentum, dtype=compute_dtype, device=x.device)
+                # Fewer than two real positions give no variance, so the running statistics stay as they are.
                 momentum = torch.where(real_count > 1, momentum, 0.0).to(self.running_mean.dtype)
                 unbiased = variance * count / (count - 1).clamp_min(1)  # as BatchNorm stores it
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)

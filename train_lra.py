@@ -1538,7 +1538,6 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
         metrics.write({"event": "stop", "step": step, "reason": stopped_by})
         log(f"stopped at step {step} by {stopped_by}; checkpoint {out_dir / 'last.pt'}; "
             f"continue with: python train_lra.py --resume {out_dir}")
-        barrier()
         return 128 + stop.signal_number if stop.signal_number is not None else 0
 
     # Test the best-validation weights
@@ -1558,8 +1557,6 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, checkpoint: Opt
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     log(f"test accuracy {100 * result['accuracy']:.2f}% on {result['examples']} examples "
         f"(best-validation weights from step {best['step']}) | majority-class rate {100 * majority_accuracy:.2f}%")
-    # Leave together: a gloo process that tears down its group while a peer still works can abort.
-    barrier()
     return 0
 
 
@@ -1710,7 +1707,10 @@ def run(given: dict) -> int:
                 raise UsageError(f"{out_dir} already contains a run; continue it with --resume {out_dir} "
                                  "or choose another --out-dir")
             cfg.out_dir = str(out_dir)
-        return train(cfg, out_dir, device, checkpoint)
+        code = train(cfg, out_dir, device, checkpoint)
+        # Leave together: a gloo process that tears down its group while a peer still works can abort.
+        barrier()
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
